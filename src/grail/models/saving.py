@@ -1,0 +1,150 @@
+"""Save a pruned model as a checkpoint that loads again, with or without GRAIL installed.
+
+* All layers the same width, and no bias the stock modules cannot hold: a plain config
+  that stock ``transformers`` (and serving engines) load with no custom code. A bias
+  added to ``o_proj``/``down_proj`` uses the family's ``attention_bias``/``mlp_bias``
+  switch where it has one; the other projections under that switch get zero biases.
+* Otherwise: the widths go into the config's ``per_layer_config``, extra biases are listed
+  under ``grail_output_bias``, and ``modeling_grail.py`` is written beside the weights and
+  named in ``auto_map``, so ``AutoModelForCausalLM.from_pretrained(dir,
+  trust_remote_code=True)`` works, as does :func:`grail.load_model` (no remote code).
+
+The checkpoint is written to a temporary folder first and moved into place at the end,
+so a failure never leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from grail.errors import GrailError
+from grail.models import modeling_grail
+from grail.models.arch import ArchSpec, arch_for, layer_shape
+from grail.models.modeling_grail import OUTPUT_BIAS_KEY
+
+
+class SaveError(GrailError, ValueError):
+    """The checkpoint folder cannot be written."""
+
+
+def check_save_target(out_dir: str | os.PathLike) -> Path:
+    """Fail before any work if ``out_dir`` exists and is not empty."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SaveError(f"{str(out)!r} already exists and is not an empty folder; choose another --save_model path.")
+    if not out.parent.exists():
+        raise SaveError(f"the parent folder of {str(out)!r} does not exist; create it first.")
+    return out
+
+
+def _switch_modules(arch: ArchSpec, layer: nn.Module, kind: str) -> tuple[nn.Linear, ...]:
+    return arch.attention_linears(layer) if kind == "attn" else arch.mlp_linears(layer)
+
+
+def _stock_bias(config, switch: str | None) -> bool:
+    return bool(switch and getattr(config, switch, False))
+
+
+def saved_config_and_state(model: nn.Module, arch: ArchSpec, metadata: dict | None = None):
+    """The config to write and the state dict (with zero biases where a switch needs them)."""
+    config = copy.deepcopy(model.config)
+    layers = arch.decoder_layers(model)
+    shapes = [layer_shape(arch, layer) for layer in layers]
+    state = {k: v for k, v in model.state_dict().items()}
+    extra_bias: dict[str, list[int]] = {}
+    needs_code = False
+    for kind, switch, consumer in (
+        ("attn", arch.attention_bias_switch, arch.attention_linears),
+        ("mlp", arch.mlp_bias_switch, arch.mlp_linears),
+    ):
+        with_bias = [i for i, layer in enumerate(layers) if consumer(layer)[-1].bias is not None]
+        if not with_bias or _stock_bias(config, switch):
+            continue
+        if switch is None:
+            extra_bias[kind] = with_bias
+            needs_code = True
+            continue
+        setattr(config, switch, True)
+        for _i, layer in enumerate(layers):
+            for lin in _switch_modules(arch, layer, kind):
+                if lin.bias is None:
+                    name = _param_name(model, lin) + ".bias"
+                    state[name] = torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device)
+    config.head_dim = shapes[0].head_dim
+    widths = [
+        {
+            "num_attention_heads": s.num_heads,
+            "num_key_value_heads": s.num_kv_heads,
+            "intermediate_size": s.intermediate_size,
+        }
+        for s in shapes
+    ]
+    if all(w == widths[0] for w in widths) and _plain_config_accepts(config, widths[0]):
+        for name, value in widths[0].items():
+            setattr(config, name, value)
+    else:
+        # Global widths stay dense (the validators check them); each layer overrides its own.
+        config.allow_global_per_layer_attribute_access = True
+        config.per_layer_config = dict(enumerate(widths))
+        needs_code = True
+    if extra_bias:
+        setattr(config, OUTPUT_BIAS_KEY, extra_bias)
+    if needs_code:
+        cls = modeling_grail.CLASSES[config.model_type]
+        config.architectures = [cls.__name__]
+        config.auto_map = {"AutoModelForCausalLM": f"modeling_grail.{cls.__name__}"}
+    if metadata is not None:
+        config.grail = metadata
+    return config, state, needs_code
+
+
+def _plain_config_accepts(config, widths: dict) -> bool:
+    """Whether the family's stock config class accepts these widths as global values.
+
+    LLaMA's validator, for one, insists that ``hidden_size`` be a multiple of the head
+    count even when ``head_dim`` is explicit, so 25 heads of 128 in 4096 need the
+    per-layer format.
+    """
+    try:
+        type(config).from_dict({**config.to_dict(), **widths})
+    except Exception:
+        return False
+    return True
+
+
+def _param_name(model: nn.Module, module: nn.Module) -> str:
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return name
+    raise KeyError("module not found in model")
+
+
+def save_pruned(model: nn.Module, tokenizer, out_dir: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write ``model`` and ``tokenizer`` (may be None) to the new folder ``out_dir``; returns it."""
+    out = check_save_target(out_dir)
+    config, state, needs_code = saved_config_and_state(model, arch_for(model.config), metadata)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    live_config = model.config
+    try:
+        model.config = config
+        model.save_pretrained(tmp, state_dict=state)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if needs_code:
+            shutil.copy(modeling_grail.__file__, tmp / "modeling_grail.py")
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        model.config = live_config
+    return out

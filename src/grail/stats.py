@@ -1,0 +1,101 @@
+"""Streaming statistics of a linear layer's inputs, accumulated in float64.
+
+Everything the selectors and the compensation need is a sum over calibration tokens, so it
+can be accumulated batch by batch, split into folds (for held-out validation) and summed
+across processes: the token count, the sum of each input feature, the sum of its squares,
+and optionally the Gram matrix ``sum_n h_n h_n^T``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from grail.errors import GrailError
+
+
+class NonFiniteStatisticsError(GrailError, FloatingPointError):
+    """A NaN or Inf reached the calibration statistics."""
+
+
+class InputStats:
+    """Sums over the calibration tokens seen by one linear layer's input.
+
+    ``n_folds > 1`` keeps one Gram matrix per fold of calibration samples (for choosing
+    the ridge penalty on held-out folds); the full Gram is their sum.
+    """
+
+    def __init__(self, dim: int, gram: bool, device: torch.device | str = "cpu", n_folds: int = 1):
+        self.dim = dim
+        self.count = 0
+        self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.sq_sum = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.fold_grams: list[Tensor] | None = None
+        self.fold_counts = [0] * n_folds
+        if gram:
+            self.fold_grams = [torch.zeros(dim, dim, dtype=torch.float64, device=device) for _ in range(n_folds)]
+
+    @property
+    def has_gram(self) -> bool:
+        return self.fold_grams is not None
+
+    def update(self, x: Tensor, fold: int = 0) -> None:
+        """Add a batch of inputs ``x`` (any leading shape, last dimension ``dim``)."""
+        x = x.reshape(-1, self.dim)
+        x64 = x.to(torch.float64)
+        self.count += x.shape[0]
+        self.fold_counts[fold] += x.shape[0]
+        self.sum += x64.sum(dim=0)
+        self.sq_sum += x64.square().sum(dim=0)
+        if self.fold_grams is not None:
+            # The product runs in float32 (fast everywhere) unless the inputs are float64;
+            # the running sum is always float64.
+            xm = x64 if x.dtype == torch.float64 else x.to(torch.float32)
+            self.fold_grams[fold] += (xm.T @ xm).to(torch.float64)
+
+    @property
+    def gram(self) -> Tensor:
+        if self.fold_grams is None:
+            raise RuntimeError("these statistics were collected without a Gram matrix")
+        total = self.fold_grams[0]
+        for g in self.fold_grams[1:]:
+            total = total + g
+        return total
+
+    @property
+    def mean(self) -> Tensor:
+        return self.sum / max(self.count, 1)
+
+    @property
+    def norm(self) -> Tensor:
+        """L2 norm of each input feature over all calibration tokens."""
+        return self.sq_sum.sqrt()
+
+    @property
+    def variance(self) -> Tensor:
+        """Unbiased sample variance of each feature (sums in float64, clamped at zero)."""
+        n = self.count
+        if n < 2:
+            return torch.zeros_like(self.sum)
+        return ((self.sq_sum - self.sum.square() / n) / (n - 1)).clamp_min(0.0)
+
+    def check_finite(self, where: str) -> None:
+        tensors = [self.sum, self.sq_sum, *(self.fold_grams or [])]
+        if not all(bool(torch.isfinite(t).all()) for t in tensors):
+            raise NonFiniteStatisticsError(
+                f"NaN or Inf in the calibration statistics of {where}. The activations overflowed "
+                "or the weights are corrupt; try --dtype float32 or bfloat16 instead of float16, "
+                "and check the model file."
+            )
+
+    def all_reduce(self) -> None:
+        """Sum the statistics over all processes of an initialised ``torch.distributed`` group."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        counts = torch.tensor([self.count, *self.fold_counts], dtype=torch.float64, device=self.sum.device)
+        for t in (counts, self.sum, self.sq_sum, *(self.fold_grams or [])):
+            dist.all_reduce(t)
+        self.count = int(counts[0].item())
+        self.fold_counts = [int(c) for c in counts[1:].tolist()]

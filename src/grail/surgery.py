@@ -1,0 +1,96 @@
+"""Physically remove attention heads and MLP channels from a decoder layer.
+
+Weights are sliced, not masked, so the pruned layer is smaller and faster. The stock
+``transformers`` attention infers the number of heads from ``q_proj``'s output and maps
+query heads to key/value heads with ``num_key_value_groups`` consecutive copies; keeping
+the same number of query heads in every kept key/value group, in their original order,
+keeps that mapping right.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from grail.models.arch import ArchSpec
+
+
+def _set_weight(linear: nn.Linear, weight: Tensor, bias: Tensor | None) -> None:
+    linear.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+    if bias is None:
+        linear.bias = None
+    else:
+        linear.bias = nn.Parameter(bias.contiguous(), requires_grad=False)
+    linear.out_features, linear.in_features = weight.shape
+
+
+def keep_rows(linear: nn.Linear, rows: Tensor) -> None:
+    rows = rows.to(linear.weight.device)
+    bias = linear.bias[rows] if linear.bias is not None else None
+    _set_weight(linear, linear.weight.data[rows], bias)
+
+
+def set_consumer(linear: nn.Linear, weight: Tensor, bias: Tensor | None) -> None:
+    """Install a consumer's new weight (over the kept inputs only) and bias."""
+    dtype, device = linear.weight.dtype, linear.weight.device
+    bias = bias.to(device=device, dtype=dtype) if bias is not None else None
+    _set_weight(linear, weight.to(device=device, dtype=dtype), bias)
+
+
+def kv_heads_for(kept_heads: Tensor, group_size: int) -> Tensor:
+    """Key/value heads still read by the kept query heads; every group must keep as many."""
+    groups = kept_heads // group_size
+    kv, counts = torch.unique(groups, return_counts=True)
+    if counts.numel() and not bool((counts == counts[0]).all()):
+        raise ValueError(
+            "kept query heads must be spread evenly over their key/value groups for the "
+            f"stock attention modules; got {counts.tolist()} heads in groups {kv.tolist()}"
+        )
+    return kv
+
+
+def prune_attention(
+    arch: ArchSpec,
+    layer: nn.Module,
+    kept_heads: Tensor,
+    o_weight: Tensor,
+    o_bias: Tensor | None,
+) -> None:
+    """Keep only ``kept_heads`` (sorted query-head indices) and install o_proj's new weights."""
+    attn = arch.attention_of(layer)
+    q, k, v, o = arch.attention_linears(layer)
+    hd = attn.head_dim
+    n_heads, n_kv = q.out_features // hd, k.out_features // hd
+    kept_heads = kept_heads.sort().values
+    kept_kv = kv_heads_for(kept_heads, n_heads // n_kv)
+    offsets = torch.arange(hd)
+    q_rows = (kept_heads.unsqueeze(1) * hd + offsets).flatten()
+    kv_rows = (kept_kv.unsqueeze(1) * hd + offsets).flatten()
+    keep_rows(q, q_rows)
+    keep_rows(k, kv_rows)
+    keep_rows(v, kv_rows)
+    set_consumer(o, o_weight, o_bias)
+    n_heads, n_kv = len(kept_heads), len(kept_kv)
+    attn.num_key_value_groups = n_heads // n_kv
+    # Some families keep these counts on the module too; keep them truthful.
+    for name, value in (("num_heads", n_heads), ("num_key_value_heads", n_kv)):
+        if hasattr(attn, name):
+            setattr(attn, name, value)
+
+
+def prune_mlp(
+    arch: ArchSpec,
+    layer: nn.Module,
+    kept_channels: Tensor,
+    down_weight: Tensor,
+    down_bias: Tensor | None,
+) -> None:
+    """Keep only ``kept_channels`` and install down_proj's new weights."""
+    gate, up, down = arch.mlp_linears(layer)
+    kept_channels = kept_channels.sort().values
+    keep_rows(gate, kept_channels)
+    keep_rows(up, kept_channels)
+    set_consumer(down, down_weight, down_bias)
+    mlp = arch.mlp_of(layer)
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = len(kept_channels)

@@ -1,0 +1,158 @@
+"""The sequential engine against a slow, obviously correct reference, plus its contracts."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import TINY_VARIANTS, random_windows, tiny_model
+from torch import nn
+
+from grail import PruneConfig, prune_model
+from grail.errors import GrailError
+from grail.methods.base import uniform_allocation
+from grail.models.arch import arch_for, layer_shape, linear_param_count
+from grail.stats import NonFiniteStatisticsError
+from grail.units import attention_units, mlp_units, top_units
+
+
+def _consumer_inputs(model, consumer: nn.Linear, windows) -> torch.Tensor:
+    """All inputs of ``consumer`` over the windows, from full forward passes of the whole model."""
+    rows = []
+    handle = consumer.register_forward_pre_hook(lambda m, args: rows.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        model(windows)
+    handle.remove()
+    return torch.cat(rows).double()
+
+
+def reference_wanda_sp(model, windows, ratio, compensate):
+    """Wanda-SP (+ affine least-squares compensation) by masking, one block at a time.
+
+    Every statistic comes from stored activations of full-model forward passes; removed
+    units are zeroed in the consumer, which leaves the function equal to physical removal.
+    """
+    model = copy.deepcopy(model)
+    arch = arch_for(model.config)
+    for layer in arch.decoder_layers(model):
+        shape = layer_shape(arch, layer)
+        attn_units, channel_units = attention_units(shape, "group"), mlp_units(shape)
+        layer_params = sum(p.numel() for n, p in layer.named_parameters() if "norm" not in n)
+        n_remove = dict(
+            zip(("attn", "mlp"), uniform_allocation(shape, ratio, attn_units, channel_units, layer_params), strict=True)
+        )
+        for kind, units, consumer in (
+            ("attn", attn_units, arch.attention_linears(layer)[3]),
+            ("mlp", channel_units, arch.mlp_linears(layer)[2]),
+        ):
+            x = _consumer_inputs(model, consumer, windows)
+            w = consumer.weight.double()
+            column_scores = w.abs().mean(0) * x.norm(dim=0)
+            kept = top_units(units.unit_scores(column_scores), units.count - n_remove[kind])
+            cols = units.kept_columns(kept)
+            new_w, shift = w[:, cols], torch.zeros(w.shape[0], dtype=torch.float64)
+            if compensate:
+                design = torch.cat([x[:, cols], torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+                sol = torch.linalg.lstsq(design, x @ w.T).solution
+                new_w, shift = sol[:-1].T, sol[-1]
+            full = torch.zeros_like(w)
+            full[:, cols] = new_w
+            consumer.weight.data = full.float()
+            if compensate:
+                consumer.bias = nn.Parameter(shift.float())
+    return model
+
+
+@pytest.mark.parametrize(("family", "heads", "kv"), TINY_VARIANTS)
+@pytest.mark.parametrize("compensate", [False, True])
+def test_engine_matches_reference(family, heads, kv, compensate):
+    model = tiny_model(family, heads, kv)
+    windows = random_windows(8, 32)
+    reference = reference_wanda_sp(model, windows, 0.4, compensate)
+    config = PruneConfig(
+        prune_method="wanda_sp",
+        pruning_ratio=0.4,
+        nsamples=8,
+        compensate=compensate,
+        ridge_lambda=0.0,
+        calib_batch_size=3,
+    )
+    prune_model(model, windows, config, progress=False)
+    ids = random_windows(3, 24, seed=9)
+    with torch.no_grad():
+        got, want = model(ids).logits, reference(ids).logits
+    assert (got - want).norm() / want.norm() < 1e-4
+
+
+def test_removed_fraction_follows_the_ratio():
+    model = tiny_model("llama", 6, 2, layers=3)
+    arch = arch_for(model.config)
+    before = linear_param_count(arch, model)
+    for ratio in (0.2, 0.5):
+        m = copy.deepcopy(model)
+        report = prune_model(m, random_windows(4, 16), PruneConfig(pruning_ratio=ratio, nsamples=4), progress=False)
+        assert report.params_before == before
+        # one MLP channel costs 3 * 48 of a layer's ~ 23k parameters
+        assert report.removed_fraction == pytest.approx(ratio, abs=0.01)
+
+
+def test_same_seed_same_result_and_zero_ratio_changes_nothing():
+    model = tiny_model("mistral", 4, 2)
+    windows = random_windows(6, 16)
+    config = PruneConfig(pruning_ratio=0.3, nsamples=6, compensate=True)
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    prune_model(a, windows, config, progress=False)
+    prune_model(b, windows, config, progress=False)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb), name
+    untouched = copy.deepcopy(model)
+    report = prune_model(untouched, windows, PruneConfig(pruning_ratio=0.0), progress=False)
+    assert report.removed_fraction == 0.0
+    for pa, pb in zip(untouched.state_dict().values(), model.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb)
+
+
+def test_magnitude_pruning_needs_no_calibration_data():
+    model = tiny_model("llama", 4, 4)
+    report = prune_model(model, None, PruneConfig(prune_method="mag_sp", pruning_ratio=0.5), progress=False)
+    assert report.calibration_windows == 0 and report.layer_passes == 0
+    assert report.removed_fraction == pytest.approx(0.5, abs=0.02)
+
+
+def test_gram_samples_can_differ_from_selection_samples():
+    model = tiny_model("qwen2", 6, 3)
+    windows = random_windows(10, 16)
+    config = PruneConfig(pruning_ratio=0.3, nsamples=4, comp_nsamples=10, compensate=True, calib_batch_size=3)
+    report = prune_model(model, windows, config, progress=False)
+    assert report.calibration_windows == 10
+    with pytest.raises(GrailError, match="10 calibration windows are needed"):
+        prune_model(tiny_model("qwen2", 6, 3), windows[:5], config, progress=False)
+
+
+def test_compensation_lowers_the_output_error_of_every_layer():
+    """lam = 0: each compensated model is closer to the dense model than the plain-pruned one."""
+    model = tiny_model("llama", 6, 2, layers=3)
+    windows = random_windows(8, 32)
+    with torch.no_grad():
+        dense = model(windows).logits
+    errors = {}
+    for compensate in (False, True):
+        m = copy.deepcopy(model)
+        prune_model(
+            m,
+            windows,
+            PruneConfig(pruning_ratio=0.4, nsamples=8, compensate=compensate, ridge_lambda=0.0),
+            progress=False,
+        )
+        with torch.no_grad():
+            errors[compensate] = (m(windows).logits - dense).norm().item()
+    assert errors[True] < errors[False]
+
+
+def test_nan_activations_stop_with_the_layer_named():
+    model = tiny_model("llama", 4, 4)
+    arch = arch_for(model.config)
+    arch.mlp_linears(arch.decoder_layers(model)[1])[0].weight.data[0, 0] = float("nan")
+    with pytest.raises(NonFiniteStatisticsError, match=r"layer 1 mlp\.down_proj"):
+        prune_model(model, random_windows(2, 8), PruneConfig(pruning_ratio=0.3, nsamples=2), progress=False)

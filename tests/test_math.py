@@ -1,0 +1,223 @@
+"""The pure mathematics: statistics, scores, units, allocation, and the compensation solve,
+checked against hand-computed cases and slow, obviously correct references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from grail.compensate import (
+    mean_bias_shift,
+    merge,
+    output_error,
+    reconstruction_map,
+    solve_spd,
+)
+from grail.methods.base import uniform_allocation
+from grail.methods.scores import magnitude_scores, wanda_scores
+from grail.models.arch import LayerShape
+from grail.stats import InputStats, NonFiniteStatisticsError
+from grail.units import attention_units, mlp_units, top_units
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """The references here are exact; compute them in float64 (restored afterwards)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def _stats(x: torch.Tensor, gram: bool = True) -> InputStats:
+    s = InputStats(x.shape[-1], gram=gram)
+    s.update(x)
+    return s
+
+
+def _data(n=400, h=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(h, h, generator=g)
+    return torch.randn(n, h, generator=g) @ mix + torch.randn(h, generator=g)  # correlated, non-zero mean
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def test_stats_match_direct_computation():
+    x = _data()
+    s = InputStats(x.shape[1], gram=True, n_folds=3)
+    for i, chunk in enumerate(x.split(50)):
+        s.update(chunk, fold=i % 3)
+    assert s.count == len(x)
+    torch.testing.assert_close(s.mean, x.mean(0))
+    torch.testing.assert_close(s.variance, x.var(0, unbiased=True))
+    torch.testing.assert_close(s.norm, x.norm(dim=0))
+    torch.testing.assert_close(s.gram, x.T @ x)
+    assert sum(s.fold_counts) == len(x)
+
+
+def test_variance_is_not_the_aliased_running_update():
+    # A large mean next to a small spread: the correct sample variance is exactly 1.
+    x = torch.tensor([[1000.0], [1001.0], [1002.0]])
+    assert _stats(x, gram=False).variance.item() == pytest.approx(1.0, abs=1e-9)
+
+
+def test_nan_in_statistics_names_the_layer():
+    s = _stats(torch.tensor([[1.0, float("nan")]]))
+    with pytest.raises(NonFiniteStatisticsError, match=r"layer 3 mlp\.down_proj"):
+        s.check_finite("layer 3 mlp.down_proj")
+
+
+# ---------------------------------------------------------------- scores
+
+
+def test_magnitude_and_wanda_scores_by_hand():
+    w = torch.tensor([[3.0, -1.0], [4.0, 0.0]])
+    torch.testing.assert_close(magnitude_scores(w), torch.tensor([5.0, 1.0]))
+    x = torch.tensor([[1.0, 2.0], [0.0, 2.0]])  # column norms 1 and sqrt(8)
+    # mean_i |W_ij| = (3.5, 0.5); times ||X_j||
+    torch.testing.assert_close(wanda_scores(w, _stats(x, gram=False)), torch.tensor([3.5, 0.5 * 8**0.5]))
+
+
+# ---------------------------------------------------------------- units and allocation
+
+SHAPE = LayerShape(hidden_size=10, head_dim=2, num_heads=6, num_kv_heads=2, intermediate_size=7)
+
+
+def test_group_units_own_their_query_heads_and_columns():
+    units = attention_units(SHAPE, "group")
+    assert units.heads.tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert units.columns[1].tolist() == [6, 7, 8, 9, 10, 11]
+    # 3 query heads (q rows + o columns) + one k and one v head: (3*2*10)*2 + 2*2*10
+    assert units.cost == 160
+
+
+def test_query_bundles_take_one_head_per_group_least_important_first():
+    scores = torch.tensor([5.0, 1.0, 3.0, 0.0, 9.0, 2.0])  # group 0: heads 0,1,2; group 1: 3,4,5
+    units = attention_units(SHAPE, "query", head_scores=scores)
+    assert units.heads.tolist() == [[1, 3], [2, 5], [0, 4]]
+    assert units.cost == 2 * (2 * 10) * 2  # two query heads: q rows + o columns
+    torch.testing.assert_close(
+        units.unit_scores(torch.arange(12.0)), torch.tensor([2 + 3 + 6 + 7, 4 + 5 + 10 + 11, 0 + 1 + 8 + 9.0])
+    )
+
+
+def test_multi_head_units_are_heads_in_both_modes():
+    mha = LayerShape(10, 2, 4, 4, 7)
+    for mode in ("group", "query"):
+        assert attention_units(mha, mode, head_scores=torch.zeros(4)).heads.tolist() == [[0], [1], [2], [3]]
+
+
+def test_top_units_breaks_ties_by_index():
+    assert top_units(torch.tensor([1.0, 3.0, 3.0, 0.0]), 2).tolist() == [1, 2]
+    assert top_units(torch.tensor([2.0, 2.0, 2.0]), 2).tolist() == [0, 1]
+
+
+def test_uniform_allocation_meets_the_layer_budget():
+    attn, mlp = attention_units(SHAPE, "group"), mlp_units(SHAPE)
+    layer_params = 2 * attn.cost + 7 * mlp.cost  # 320 + 210 = 530
+    # ratio 0.5: round(0.5 * 2) = 1 group (160); MLP takes round((265 - 160) / 30) = 4 channels
+    assert uniform_allocation(SHAPE, 0.5, attn, mlp, layer_params) == (1, 4)
+    # every block keeps one unit, whatever the ratio
+    assert uniform_allocation(SHAPE, 0.99, attn, mlp, layer_params) == (1, 6)
+
+
+# ---------------------------------------------------------------- compensation
+
+
+def _lstsq_reference(x, w, kept, affine):
+    """Least-squares fit of the consumer output from the kept inputs, on stored activations."""
+    design = x[:, kept]
+    if affine:
+        design = torch.cat([design, torch.ones(len(x), 1)], dim=1)
+    sol = torch.linalg.lstsq(design, x @ w.T).solution
+    return (sol[: len(kept)].T, sol[len(kept)] if affine else None)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_lambda_zero_equals_least_squares_on_stored_activations(affine):
+    x, w = _data(), torch.randn(6, 10, generator=torch.Generator().manual_seed(5))
+    kept = torch.tensor([0, 2, 3, 7, 8])
+    s = _stats(x)
+    rec = reconstruction_map(s.gram, kept, 0.0, s.sum if affine else None, s.count if affine else None)
+    new_w, new_b = merge(w, None, rec)
+    ref_w, ref_b = _lstsq_reference(x, w, kept, affine)
+    torch.testing.assert_close(new_w, ref_w, rtol=1e-8, atol=1e-8)
+    if affine:
+        torch.testing.assert_close(new_b, ref_b, rtol=1e-8, atol=1e-8)
+
+
+def test_ridge_equals_augmented_least_squares():
+    x = _data()
+    kept = torch.tensor([1, 4, 5, 9])
+    s = _stats(x)
+    lam = 0.3
+    penalty = lam * s.gram[kept][:, kept].diagonal().mean()
+    rec = reconstruction_map(s.gram, kept, lam)
+    # min ||X - X_P B^T||^2 + penalty ||B||^2, solved as one stacked least-squares problem
+    design = torch.cat([x[:, kept], penalty.sqrt() * torch.eye(len(kept))])
+    target = torch.cat([x, torch.zeros(len(kept), x.shape[1])])
+    ref = torch.linalg.lstsq(design, target).solution.T
+    torch.testing.assert_close(rec.B, ref, rtol=1e-8, atol=1e-8)
+
+
+def test_exact_reconstruction_when_removed_units_are_combinations_of_kept():
+    g = torch.Generator().manual_seed(2)
+    kept_part = torch.randn(300, 6, generator=g)
+    removed_part = kept_part @ torch.randn(6, 3, generator=g) + 0.7  # affine in the kept units
+    x = torch.cat([kept_part, removed_part], dim=1)
+    w = torch.randn(5, 9, generator=g)
+    kept = torch.arange(6)
+    s = _stats(x)
+    rec = reconstruction_map(s.gram, kept, 0.0, s.sum, s.count)
+    new_w, new_b = merge(w, torch.zeros(5), rec)
+    dense, pruned = x @ w.T, x[:, kept] @ new_w.T + new_b
+    assert (pruned - dense).norm() / dense.norm() < 1e-4
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_lambda_zero_compensation_is_never_worse_than_plain_pruning(seed):
+    x = _data(n=200, h=12, seed=seed)
+    g = torch.Generator().manual_seed(100 + seed)
+    w = torch.randn(7, 12, generator=g)
+    kept = torch.randperm(12, generator=g)[:6].sort().values
+    s = _stats(x)
+    plain = output_error(w, w[:, kept], None, kept, s.gram, s.sum, s.count)
+    for affine in (False, True):
+        rec = reconstruction_map(s.gram, kept, 0.0, s.sum if affine else None, s.count if affine else None)
+        new_w, shift = merge(w, None, rec)
+        assert output_error(w, new_w, shift, kept, s.gram, s.sum, s.count) <= plain * (1 + 1e-12)
+
+
+def test_output_error_formula_equals_direct_sum():
+    x = _data(n=50, h=8)
+    g = torch.Generator().manual_seed(3)
+    w, new_w, shift = torch.randn(4, 8, generator=g), torch.randn(4, 5, generator=g), torch.randn(4, generator=g)
+    kept = torch.tensor([0, 1, 3, 4, 6])
+    direct = ((x @ w.T) - (x[:, kept] @ new_w.T + shift)).square().sum()
+    s = _stats(x)
+    assert output_error(w, new_w, shift, kept, s.gram, s.sum, s.count) == pytest.approx(direct.item(), rel=1e-10)
+
+
+def test_singular_gram_gets_jitter_and_still_reconstructs():
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(100, 4, generator=g)
+    x = torch.cat([base, base[:, :1]], dim=1)  # kept columns 0 and 4 are identical
+    rec = reconstruction_map(x.T @ x, torch.tensor([0, 1, 2, 3, 4]), 0.0)
+    assert rec.jitter > 0
+    assert ((x @ rec.B.T) - x).norm() / x.norm() < 1e-4
+
+
+def test_solve_spd_reports_no_jitter_for_regular_systems():
+    a = torch.tensor([[4.0, 1.0], [1.0, 3.0]])
+    x, jitter = solve_spd(a, torch.tensor([[1.0], [2.0]]))
+    assert jitter == 0.0
+    torch.testing.assert_close(a @ x, torch.tensor([[1.0], [2.0]]))
+
+
+def test_mean_bias_shift_by_hand():
+    w = torch.tensor([[1.0, 2.0, 3.0], [0.0, -1.0, 1.0]])
+    mean = torch.tensor([10.0, 20.0, 30.0])
+    # removed column 1: W[:, 1] * 20
+    torch.testing.assert_close(mean_bias_shift(w, mean, torch.tensor([0, 2])), torch.tensor([40.0, -20.0]))
