@@ -100,3 +100,14 @@ def tiny_tokenizer(vocab: int = 96):
     backend = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_available, tmp_path_factory) -> Path:
+    """SmolLM2-135M dequantised once per session into a safetensors folder (loads in a second)."""
+    import grail
+
+    model, tokenizer = grail.load_model("smollm2-135m")
+    folder = tmp_path_factory.mktemp("smollm2") / "model"
+    grail.save_pruned(model, tokenizer, folder)
+    return folder

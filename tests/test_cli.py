@@ -102,19 +102,30 @@ def test_main_py_and_help(tmp_path):
         assert flag in done.stdout
 
 
+def _cli_perplexity(model: str, method: str, compensate: bool, data_dir, tmp_path, *extra: str) -> float:
+    results_file = tmp_path / f"{method}-{compensate}.json"
+    args = [
+        "--model", model, "--prune_method", method, "--pruning_ratio", "0.3", "--nsamples", "16",
+        "--seqlen", "256", "--data_dir", str(data_dir), "--eval", "--eval_samples", "16",
+        "--ridge_lambda", "0", "--device", "cpu", "--output_json", str(results_file), "--quiet", *extra,
+    ]  # fmt: skip
+    if compensate:
+        args.append("--compensate")
+    assert main(args) == 0
+    return json.loads(results_file.read_text())["ppl"]["wikitext2"]
+
+
 @pytest.mark.slow
-def test_smollm2_wanda_sp_compensation_lowers_perplexity(smollm2_available, data_dir, tmp_path):
-    """The real model from the command line: wanda_sp 30%, with and without GRAIL."""
-    ppl = {}
-    for compensate in (False, True):
-        results_file = tmp_path / f"r{compensate}.json"
-        args = [
-            "--model", "smollm2-135m", "--prune_method", "wanda_sp", "--pruning_ratio", "0.3",
-            "--nsamples", "16", "--seqlen", "256", "--data_dir", str(data_dir), "--eval", "--eval_samples", "16",
-            "--ridge_lambda", "0", "--device", "cpu", "--output_json", str(results_file), "--quiet",
-        ]  # fmt: skip
-        if compensate:
-            args.append("--compensate")
-        assert main(args) == 0
-        ppl[compensate] = json.loads(results_file.read_text())["ppl"]["wikitext2"]
-    assert ppl[True] < ppl[False]
+def test_smollm2_wanda_sp_compensation_lowers_perplexity(smollm2_dir, data_dir, tmp_path):
+    """The real model from the command line (once by its alias): wanda_sp 30%, with and without GRAIL."""
+    plain = _cli_perplexity("smollm2-135m", "wanda_sp", False, data_dir, tmp_path)
+    compensated = _cli_perplexity(str(smollm2_dir), "wanda_sp", True, data_dir, tmp_path)
+    assert compensated < plain
+
+
+@pytest.mark.slow
+def test_smollm2_flap_compensation_lowers_perplexity(smollm2_dir, data_dir, tmp_path):
+    """FLAP (WIFV, AL-AM, bias compensation) 30%, with and without GRAIL's affine fit."""
+    plain = _cli_perplexity(str(smollm2_dir), "flap", False, data_dir, tmp_path)
+    compensated = _cli_perplexity(str(smollm2_dir), "flap", True, data_dir, tmp_path)
+    assert compensated < plain

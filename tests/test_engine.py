@@ -40,7 +40,7 @@ def reference_wanda_sp(model, windows, ratio, compensate):
         attn_units, channel_units = attention_units(shape, "group"), mlp_units(shape)
         layer_params = sum(p.numel() for n, p in layer.named_parameters() if "norm" not in n)
         n_remove = dict(
-            zip(("attn", "mlp"), uniform_allocation(shape, ratio, attn_units, channel_units, layer_params), strict=True)
+            zip(("attn", "mlp"), uniform_allocation(ratio, attn_units, channel_units, layer_params), strict=True)
         )
         for kind, units, consumer in (
             ("attn", attn_units, arch.attention_linears(layer)[3]),
@@ -91,16 +91,22 @@ def test_removed_fraction_follows_the_ratio():
     before = linear_param_count(arch, model)
     for ratio in (0.2, 0.5):
         m = copy.deepcopy(model)
-        report = prune_model(m, random_windows(4, 16), PruneConfig(pruning_ratio=ratio, nsamples=4), progress=False)
+        report = prune_model(
+            m,
+            random_windows(4, 16),
+            PruneConfig(prune_method="wanda_sp", pruning_ratio=ratio, nsamples=4),
+            progress=False,
+        )
         assert report.params_before == before
         # one MLP channel costs 3 * 48 of a layer's ~ 23k parameters
         assert report.removed_fraction == pytest.approx(ratio, abs=0.01)
 
 
-def test_same_seed_same_result_and_zero_ratio_changes_nothing():
+@pytest.mark.parametrize("method", ["wanda_sp", "flap"])
+def test_same_seed_same_result_and_zero_ratio_changes_nothing(method):
     model = tiny_model("mistral", 4, 2)
     windows = random_windows(6, 16)
-    config = PruneConfig(pruning_ratio=0.3, nsamples=6, compensate=True)
+    config = PruneConfig(prune_method=method, pruning_ratio=0.3, nsamples=6, compensate=True)
     a, b = copy.deepcopy(model), copy.deepcopy(model)
     prune_model(a, windows, config, progress=False)
     prune_model(b, windows, config, progress=False)
@@ -123,15 +129,18 @@ def test_magnitude_pruning_needs_no_calibration_data():
 def test_gram_samples_can_differ_from_selection_samples():
     model = tiny_model("qwen2", 6, 3)
     windows = random_windows(10, 16)
-    config = PruneConfig(pruning_ratio=0.3, nsamples=4, comp_nsamples=10, compensate=True, calib_batch_size=3)
+    config = PruneConfig(
+        prune_method="wanda_sp", pruning_ratio=0.3, nsamples=4, comp_nsamples=10, compensate=True, calib_batch_size=3
+    )
     report = prune_model(model, windows, config, progress=False)
     assert report.calibration_windows == 10
     with pytest.raises(GrailError, match="10 calibration windows are needed"):
         prune_model(tiny_model("qwen2", 6, 3), windows[:5], config, progress=False)
 
 
-def test_compensation_lowers_the_output_error_of_every_layer():
-    """lam = 0: each compensated model is closer to the dense model than the plain-pruned one."""
+@pytest.mark.parametrize("method", ["wanda_sp", "flap"])
+def test_compensation_brings_the_model_closer_to_the_dense_one(method):
+    """lam = 0: the compensated model is closer to the dense model than the plain-pruned one."""
     model = tiny_model("llama", 6, 2, layers=3)
     windows = random_windows(8, 32)
     with torch.no_grad():
@@ -142,7 +151,7 @@ def test_compensation_lowers_the_output_error_of_every_layer():
         prune_model(
             m,
             windows,
-            PruneConfig(pruning_ratio=0.4, nsamples=8, compensate=compensate, ridge_lambda=0.0),
+            PruneConfig(prune_method=method, pruning_ratio=0.4, nsamples=8, compensate=compensate, ridge_lambda=0.0),
             progress=False,
         )
         with torch.no_grad():

@@ -118,9 +118,11 @@ def test_uniform_allocation_meets_the_layer_budget():
     attn, mlp = attention_units(SHAPE, "group"), mlp_units(SHAPE)
     layer_params = 2 * attn.cost + 7 * mlp.cost  # 320 + 210 = 530
     # ratio 0.5: round(0.5 * 2) = 1 group (160); MLP takes round((265 - 160) / 30) = 4 channels
-    assert uniform_allocation(SHAPE, 0.5, attn, mlp, layer_params) == (1, 4)
+    assert uniform_allocation(0.5, attn, mlp, layer_params) == (1, 4)
     # every block keeps one unit, whatever the ratio
-    assert uniform_allocation(SHAPE, 0.99, attn, mlp, layer_params) == (1, 6)
+    assert uniform_allocation(0.99, attn, mlp, layer_params) == (1, 6)
+    # a fixed attention count (FLAP UL-MM): the MLP alone makes up the difference
+    assert uniform_allocation(0.5, attn, mlp, layer_params, n_attention=0) == (0, 6)
 
 
 # ---------------------------------------------------------------- compensation
@@ -221,3 +223,17 @@ def test_mean_bias_shift_by_hand():
     mean = torch.tensor([10.0, 20.0, 30.0])
     # removed column 1: W[:, 1] * 20
     torch.testing.assert_close(mean_bias_shift(w, mean, torch.tensor([0, 2])), torch.tensor([40.0, -20.0]))
+
+
+def test_affine_fit_on_constant_removed_units_is_exactly_flaps_bias():
+    g = torch.Generator().manual_seed(6)
+    kept_part = torch.randn(200, 5, generator=g)
+    constants = torch.tensor([2.0, -1.5, 0.25])
+    x = torch.cat([kept_part, constants.expand(200, 3)], dim=1)
+    w, b = torch.randn(4, 8, generator=g), torch.randn(4, generator=g)
+    kept = torch.arange(5)
+    s = _stats(x)
+    new_w, new_b = merge(w, b, reconstruction_map(s.gram, kept, 0.0, s.sum, s.count))
+    torch.testing.assert_close(new_w, w[:, kept])
+    torch.testing.assert_close(new_b, b + mean_bias_shift(w, s.mean, kept))
+    torch.testing.assert_close(new_b, b + w[:, 5:] @ constants)

@@ -23,7 +23,9 @@ def _logits(model, ids):
 
 def _pruned(family, heads, kv, compensate, ratio=0.4):
     model = tiny_model(family, heads, kv)
-    config = grail.PruneConfig(pruning_ratio=ratio, nsamples=6, compensate=compensate, ridge_lambda=0.0)
+    config = grail.PruneConfig(
+        prune_method="wanda_sp", pruning_ratio=ratio, nsamples=6, compensate=compensate, ridge_lambda=0.0
+    )
     grail.prune_model(model, random_windows(6, 24), config, progress=False)
     return model
 

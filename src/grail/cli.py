@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from grail.config import AVAILABLE_METHODS, PruneConfig, RunConfig
+from grail.config import PruneConfig, RunConfig, available_methods
 from grail.data import DATA_DIR_ENV, DATASETS
 from grail.errors import GrailError
 
@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     core.add_argument(
         "--model", default="smollm2-135m", help="hub id, local folder, .gguf file, GRAIL checkpoint, or 'smollm2-135m'"
     )
-    core.add_argument("--prune_method", default=PruneConfig.prune_method, help=f"one of {', '.join(AVAILABLE_METHODS)}")
+    core.add_argument(
+        "--prune_method", default=PruneConfig.prune_method, help=f"one of {', '.join(available_methods())}"
+    )
     core.add_argument(
         "--pruning_ratio", type=float, default=0.5, help="share of the decoder's linear parameters to remove, in [0, 1)"
     )

@@ -9,9 +9,8 @@ from grail.data import DATASETS
 from grail.errors import GrailError
 from grail.units import ATTENTION_UNITS
 
-# Methods of the specification, and the ones this version implements.
+# Methods of the specification; grail.methods.METHODS holds the ones this version implements.
 SPEC_METHODS = ("flap", "wanda_sp", "slimgpt", "wanda_pp_sp", "mag_sp")
-AVAILABLE_METHODS = ("wanda_sp", "mag_sp")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -19,21 +18,28 @@ class ConfigError(GrailError, ValueError):
     """An option has a value GRAIL cannot use."""
 
 
+def available_methods() -> list[str]:
+    from grail.methods import METHODS  # the registry imports this module
+
+    return sorted(METHODS)
+
+
 def check_method(name: str) -> None:
-    if name in AVAILABLE_METHODS:
+    available = available_methods()
+    if name in available:
         return
     if name in SPEC_METHODS:
         raise ConfigError(
-            f"pruning method {name!r} is not available in this version; choose one of {', '.join(AVAILABLE_METHODS)}."
+            f"pruning method {name!r} is not available in this version; choose one of {', '.join(available)}."
         )
-    raise ConfigError(f"unknown pruning method {name!r}; choose one of {', '.join(AVAILABLE_METHODS)}.")
+    raise ConfigError(f"unknown pruning method {name!r}; choose one of {', '.join(available)}.")
 
 
 @dataclass
 class PruneConfig:
     """How to prune and compensate. Field names follow the command-line flags."""
 
-    prune_method: str = "wanda_sp"
+    prune_method: str = "flap"
     pruning_ratio: float = 0.5
     nsamples: int = 128  # calibration windows for the selector's statistics
     comp_nsamples: int | None = None  # windows for the Gram matrices; None: same as nsamples

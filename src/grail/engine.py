@@ -27,8 +27,7 @@ from tqdm.auto import tqdm
 from grail.compensate import add_bias, mean_bias_shift, merge, reconstruction_map
 from grail.config import PruneConfig
 from grail.errors import GrailError
-from grail.methods import METHODS, BlockContext, Decision, Method
-from grail.methods.base import uniform_allocation
+from grail.methods import BlockContext, Decision, Method, make_method
 from grail.models.arch import ArchSpec, arch_for, layer_shape, linear_param_count
 from grail.stats import InputStats
 from grail.surgery import prune_attention, prune_mlp
@@ -53,6 +52,11 @@ class Calibration:
     @property
     def n_samples(self) -> int:
         return self.starts[-1] + self.hidden[-1].shape[0] if self.hidden else 0
+
+    def head(self, n_samples: int) -> Calibration:
+        """The batches holding the first ``n_samples`` samples, as a separate list (same tensors)."""
+        k = sum(1 for start in self.starts if start < n_samples)
+        return Calibration(self.hidden[:k], self.kwargs[:k], self.starts[:k], self.device)
 
 
 def _fits_on_device(device: torch.device, n_bytes: int) -> bool:
@@ -94,61 +98,63 @@ def _output(out) -> Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def run_layer(layer: nn.Module, calib: Calibration, n_samples: int | None = None, on_batch=None) -> None:
-    """Run ``layer`` on the calibration batches (the first ``n_samples`` samples' batches)."""
-    with torch.no_grad():
-        for b, (hidden, kwargs) in enumerate(zip(calib.hidden, calib.kwargs, strict=True)):
-            if n_samples is not None and calib.starts[b] >= n_samples:
-                break
-            if on_batch is not None:
-                on_batch(b)
-            with contextlib.suppress(_StopForward):
-                layer(hidden.to(calib.device), **kwargs)
+Taps = list[tuple[nn.Linear, list[tuple[InputStats, int]]]]
 
 
-def propagate(layer: nn.Module, calib: Calibration) -> None:
-    """Replace the calibration activations by the layer's outputs."""
-    with torch.no_grad():
-        for b, (hidden, kwargs) in enumerate(zip(calib.hidden, calib.kwargs, strict=True)):
-            out = _output(layer(hidden.to(calib.device), **kwargs))
-            calib.hidden[b] = out.to(hidden.device)
-
-
-def collect_input_stats(
+def run_layer(
     layer: nn.Module,
-    linear: nn.Linear,
     calib: Calibration,
-    targets: list[tuple[InputStats, int]],
+    taps: Taps = (),
+    stop_at: nn.Linear | None = None,
+    update: bool = False,
 ) -> None:
-    """Accumulate statistics of ``linear``'s input; each target sees its first ``limit`` samples.
+    """Run ``layer`` over the calibration batches.
 
-    The forward pass stops at ``linear``, so nothing after it is computed.
+    ``taps`` accumulate statistics of a linear layer's input; each ``(stats, limit)``
+    target sees the first ``limit`` calibration samples. With ``stop_at`` the pass ends at
+    that linear layer's input (nothing after it is computed, and batches no target needs
+    are skipped); with ``update`` the layer's outputs replace the calibration activations.
     """
-    batch = {"index": 0}
+    current = {"start": 0}
 
-    def hook(module, args):
-        x = args[0]
-        start = calib.starts[batch["index"]]
-        for stats, limit in targets:
-            k = min(x.shape[0], limit - start)
-            if k <= 0:
-                continue
-            n_folds = len(stats.fold_counts)
-            if n_folds == 1:
-                stats.update(x[:k])
-            else:
-                for j in range(k):
-                    stats.update(x[j], fold=(start + j) % n_folds)
-        raise _StopForward
+    def make_hook(linear, targets):
+        def hook(module, args):
+            x = args[0]
+            start = current["start"]
+            for stats, limit in targets:
+                k = min(x.shape[0], limit - start)
+                if k <= 0:
+                    continue
+                n_folds = len(stats.fold_counts)
+                if n_folds == 1:
+                    stats.update(x[:k])
+                else:
+                    for j in range(k):
+                        stats.update(x[j], fold=(start + j) % n_folds)
+            if module is stop_at:
+                raise _StopForward
 
-    def on_batch(b: int) -> None:
-        batch["index"] = b
+        return hook
 
-    handle = linear.register_forward_pre_hook(hook)
+    needed = calib.n_samples
+    if stop_at is not None and not update:
+        needed = max((limit for _, targets in taps for _, limit in targets), default=0)
+    handles = [linear.register_forward_pre_hook(make_hook(linear, targets)) for linear, targets in taps]
     try:
-        run_layer(layer, calib, max(limit for _, limit in targets), on_batch)
+        with torch.no_grad():
+            for b, (hidden, kwargs) in enumerate(zip(calib.hidden, calib.kwargs, strict=True)):
+                if calib.starts[b] >= needed:
+                    break
+                current["start"] = calib.starts[b]
+                try:
+                    out = _output(layer(hidden.to(calib.device), **kwargs))
+                except _StopForward:
+                    continue
+                if update:
+                    calib.hidden[b] = out.to(hidden.device)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 @dataclass
@@ -217,6 +223,40 @@ def _consumer_update(
     return new_weight, new_bias, {}
 
 
+def block_contexts(arch: ArchSpec, index: int, layer: nn.Module, config: PruneConfig) -> dict[str, BlockContext]:
+    """The attention and MLP blocks of a layer, before any decision."""
+    shape = layer_shape(arch, layer)
+    q, _, _, o = arch.attention_linears(layer)
+    gate, _, down = arch.mlp_linears(layer)
+    return {
+        "attn": BlockContext(index, "attn", shape, o, None, 0, config.attention_unit, q.bias is not None),
+        "mlp": BlockContext(index, "mlp", shape, down, None, 0, config.attention_unit, gate.bias is not None),
+    }
+
+
+def _linear_params(arch: ArchSpec, layer: nn.Module) -> int:
+    linears = (*arch.attention_linears(layer), *arch.mlp_linears(layer))
+    return sum(lin.weight.numel() + (lin.bias.numel() if lin.bias is not None else 0) for lin in linears)
+
+
+def dense_statistics(
+    arch: ArchSpec, layers: nn.ModuleList, calib: Calibration, n_samples: int, progress: bool
+) -> dict[tuple[int, str], InputStats]:
+    """One pass through the dense model: every consumer's input statistics, no pruning.
+
+    The activations of ``calib`` are advanced through all layers; pass a :meth:`head`
+    view to keep the first layer's inputs for a later pass.
+    """
+    stats = {}
+    for index, layer in enumerate(tqdm(layers, desc="scoring pass", disable=not progress)):
+        o, down = arch.attention_linears(layer)[3], arch.mlp_linears(layer)[2]
+        stats[(index, "attn")] = InputStats(o.in_features, gram=False, device=calib.device)
+        stats[(index, "mlp")] = InputStats(down.in_features, gram=False, device=calib.device)
+        taps = [(o, [(stats[(index, "attn")], n_samples)]), (down, [(stats[(index, "mlp")], n_samples)])]
+        run_layer(layer, calib, taps, update=True)
+    return stats
+
+
 def prune_model(
     model: nn.Module,
     windows: Tensor | None,
@@ -233,7 +273,7 @@ def prune_model(
     """
     timer = timer or Timer()
     arch = arch_for(model.config)
-    method = method or METHODS[config.prune_method]()
+    method = method or make_method(config)
     layers = arch.decoder_layers(model)
     before = linear_param_count(arch, model)
     report = PruneReport(method.name, config.pruning_ratio, before, before, n_layers=len(layers))
@@ -250,37 +290,49 @@ def prune_model(
         with timer.section("calibration"):
             calib = capture_layer_inputs(model, arch, windows[:needed], config.calib_batch_size)
         report.calibration_windows = needed
+
+    # Methods that allocate across layers score the dense model first (one pass), plan,
+    # and then prune; a second, sequential pass is needed only for the Gram matrices.
+    dense_stats = None
+    planned = None
+    if method.global_plan:
+        planned = [block_contexts(arch, i, layer, config) for i, layer in enumerate(layers)]
+        if method.uses_activations:
+            with timer.section("calibration"):
+                dense_stats = dense_statistics(arch, layers, calib.head(config.nsamples), config.nsamples, progress)
+            report.layer_passes += len(layers)
+            for (index, kind), stats in dense_stats.items():
+                stats.check_finite(f"layer {index} {arch.consumer_names()[kind]}")
+                planned[index][kind].stats = stats
+        with timer.section("pruning"):
+            method.plan(planned, [_linear_params(arch, layer) for layer in layers])
+        if not config.compensate:
+            calib = None
+
     mean_bias = config.bias_compensation and method.supports_bias_compensation
-    for index, layer in enumerate(
-        tqdm(layers, desc=f"{method.name} + GRAIL" if config.compensate else method.name, disable=not progress)
-    ):
-        shape = layer_shape(arch, layer)
-        linears = (*arch.attention_linears(layer), *arch.mlp_linears(layer))
-        layer_params = sum(lin.weight.numel() + (lin.bias.numel() if lin.bias is not None else 0) for lin in linears)
-        contexts = {}
-        for kind, consumer, producer in (
-            ("attn", arch.attention_linears(layer)[3], arch.attention_linears(layer)[0]),
-            ("mlp", arch.mlp_linears(layer)[2], arch.mlp_linears(layer)[0]),
-        ):
-            contexts[kind] = BlockContext(
-                index, kind, shape, consumer, None, 0, config.attention_unit, producer.bias is not None
-            )
-        n_attn, n_mlp = uniform_allocation(
-            shape, config.pruning_ratio, contexts["attn"].units(), contexts["mlp"].units(), layer_params
+    desc = f"{method.name} + GRAIL" if config.compensate else method.name
+    for index, layer in enumerate(tqdm(layers, desc=desc, disable=not progress)):
+        contexts = planned[index] if planned is not None else block_contexts(arch, index, layer, config)
+        n_attn, n_mlp = method.allocate(
+            index, len(layers), contexts["attn"].units(), contexts["mlp"].units(), _linear_params(arch, layer)
         )
         contexts["attn"].n_remove, contexts["mlp"].n_remove = n_attn, n_mlp
         for kind, ctx in contexts.items():
             if ctx.n_remove == 0:
                 continue
-            selection = gram_stats = None
+            where = f"layer {index} {arch.consumer_names()[kind]}"
+            selection, gram_stats = ctx.stats, None
             if calib is not None:
+                wants_selection = selection is None and (method.uses_activations or mean_bias)
                 with timer.section("calibration"):
-                    selection, gram_stats = _block_stats(layer, ctx.consumer, calib, config, method, mean_bias)
-                    report.layer_passes += 1
-                where = f"layer {index} {arch.consumer_names()[kind]}"
-                for stats in {id(s): s for s in (selection, gram_stats) if s is not None}.values():
+                    collected, gram_stats = _block_stats(
+                        layer, ctx.consumer, calib, config, wants_selection, method.needs_gram
+                    )
+                report.layer_passes += 1
+                for stats in {id(s): s for s in (collected, gram_stats) if s is not None}.values():
                     stats.check_finite(where)
-            ctx.stats = selection
+                if selection is None:
+                    selection = ctx.stats = collected
             with timer.section("pruning"):
                 decision = method.decide(ctx)
                 kept_columns = decision.units.kept_columns(decision.kept)
@@ -294,7 +346,7 @@ def prune_model(
                     gram_stats,
                     config,
                     mean_bias,
-                    f"layer {index} {arch.consumer_names()[kind]}",
+                    where,
                 )
             with timer.section("pruning"):
                 if kind == "attn":
@@ -306,8 +358,8 @@ def prune_model(
             )
         if calib is not None and index + 1 < len(layers):
             with timer.section("calibration"):
-                propagate(layer, calib)
-                report.layer_passes += 1
+                run_layer(layer, calib, update=True)
+            report.layer_passes += 1
     report.params_after = linear_param_count(arch, model)
     return report
 
@@ -317,25 +369,27 @@ def _block_stats(
     consumer: nn.Linear,
     calib: Calibration,
     config: PruneConfig,
-    method: Method,
-    mean_bias: bool,
+    wants_selection: bool,
+    selection_gram: bool,
 ) -> tuple[InputStats | None, InputStats | None]:
-    """Statistics of a consumer's inputs: for the method (nsamples) and for the Gram (comp_nsamples)."""
-    device = calib.device
-    dim = consumer.in_features
-    wants_selection = method.uses_activations or mean_bias
-    if config.compensate and (not wants_selection or config.gram_nsamples == config.nsamples):
+    """Statistics of a consumer's inputs, collected in one pass that stops at the consumer.
+
+    Returns (selection statistics over ``nsamples`` windows, with a Gram matrix when
+    ``selection_gram``, or None unless ``wants_selection``; Gram statistics over
+    ``comp_nsamples`` windows, or None without compensation). When both cover the same
+    windows they are one object.
+    """
+    device, dim = calib.device, consumer.in_features
+    wants_gram = config.compensate
+    if wants_gram and (not wants_selection or config.gram_nsamples == config.nsamples):
         shared = InputStats(dim, gram=True, device=device)
-        collect_input_stats(layer, consumer, calib, [(shared, config.gram_nsamples)])
+        run_layer(layer, calib, [(consumer, [(shared, config.gram_nsamples)])], stop_at=consumer)
         return (shared if wants_selection else None), shared
-    targets = []
-    selection = gram_stats = None
-    if wants_selection:
-        selection = InputStats(dim, gram=False, device=device)
-        targets.append((selection, config.nsamples))
-    if config.compensate:
-        gram_stats = InputStats(dim, gram=True, device=device)
+    selection = InputStats(dim, gram=selection_gram, device=device) if wants_selection else None
+    gram_stats = InputStats(dim, gram=True, device=device) if wants_gram else None
+    targets = [(selection, config.nsamples)] if selection is not None else []
+    if gram_stats is not None:
         targets.append((gram_stats, config.gram_nsamples))
     if targets:
-        collect_input_stats(layer, consumer, calib, targets)
+        run_layer(layer, calib, [(consumer, targets)], stop_at=consumer)
     return selection, gram_stats

@@ -16,7 +16,7 @@ from grail import data
 from grail.config import RunConfig
 from grail.engine import prune_model
 from grail.evaluate.perplexity import perplexity
-from grail.methods import METHODS
+from grail.methods import make_method
 from grail.models.arch import arch_for, linear_param_count
 from grail.models.loading import DTYPES, load_model
 from grail.models.saving import check_save_target, save_pruned
@@ -91,7 +91,7 @@ def run(config: RunConfig, progress: bool = True) -> dict:
     if config.save_model:
         check_save_target(config.save_model)
     root = data.resolve_data_dir(config.data_dir)
-    method = METHODS[prune_cfg.prune_method]()
+    method = make_method(prune_cfg)
     needed = prune_cfg.windows_needed(method.uses_activations)
     calib_text = data.load_text(config.dataset, "calibration", root, prune_cfg.seed) if needed else None
     eval_texts = {name: data.load_text(name, "evaluation", root) for name in config.eval_datasets}

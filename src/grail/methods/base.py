@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from grail.config import PruneConfig
 from grail.models.arch import LayerShape
 from grail.stats import InputStats
 from grail.units import BlockUnits, attention_units, mlp_units, top_units
@@ -47,11 +48,32 @@ class Decision:
 
 
 class Method:
-    """A structured pruning method (a *selector*): decides which units of a block stay."""
+    """A structured pruning method (a *selector*): decides which units of a block stay.
+
+    The engine asks, for each layer in order, how many units each block loses
+    (:meth:`allocate`) and then which ones (:meth:`decide`). Methods that allocate
+    across layers set ``global_plan``: the engine then hands :meth:`plan` every block
+    with statistics from one pass over the dense model before any layer is pruned.
+    """
 
     name: str = ""
     uses_activations: bool = True  # needs calibration statistics to select units
+    needs_gram: bool = False  # its selection statistics must include the Gram matrix
     supports_bias_compensation: bool = False  # FLAP-style mean bias on the consumer
+    global_plan: bool = False
+
+    def __init__(self, config: PruneConfig):
+        self.config = config
+
+    def allocate(
+        self, layer_index: int, n_layers: int, attention: BlockUnits, mlp: BlockUnits, layer_params: int
+    ) -> tuple[int, int]:
+        """Units to remove from the layer's (attention, MLP) blocks."""
+        return uniform_allocation(self.config.pruning_ratio, attention, mlp, layer_params)
+
+    def plan(self, blocks: list[dict[str, BlockContext]], layer_params: list[int]) -> None:
+        """Decide every layer's allocation at once (``global_plan`` methods only)."""
+        raise NotImplementedError
 
     def decide(self, ctx: BlockContext) -> Decision:
         raise NotImplementedError
@@ -71,19 +93,20 @@ class ScoreMethod(Method):
 
 
 def uniform_allocation(
-    shape: LayerShape,
     ratio: float,
     attention: BlockUnits,
     mlp: BlockUnits,
     layer_params: int,
+    n_attention: int | None = None,
 ) -> tuple[int, int]:
     """Units to remove from (attention, MLP) so the layer loses ``ratio`` of its parameters.
 
     Attention units are coarse (a whole head or group), so attention removes
-    ``round(ratio * units)`` of them and the fine-grained MLP takes up the rest of the
-    layer's parameter budget; each block keeps at least one unit.
+    ``round(ratio * units)`` of them (or ``n_attention``) and the fine-grained MLP takes
+    up the rest of the layer's parameter budget; each block keeps at least one unit.
     """
-    n_attn = min(round(ratio * attention.count), attention.count - 1)
+    n_attn = round(ratio * attention.count) if n_attention is None else n_attention
+    n_attn = min(n_attn, attention.count - 1)
     remaining = ratio * layer_params - n_attn * attention.cost
     n_mlp = min(max(round(remaining / mlp.cost), 0), mlp.count - 1)
     return n_attn, n_mlp
