@@ -64,7 +64,7 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--compensate", action="store_true")
-    p.add_argument("--ridge_lambda", type=float, default=0.0)
+    p.add_argument("--ridge_lambda", default="0", help="a number or 'auto'")
     p.add_argument("--extra", default="{}", help="JSON of further PruneConfig fields")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args()
@@ -82,7 +82,7 @@ def main() -> None:
         pruning_ratio=args.ratio,
         nsamples=args.nsamples,
         compensate=args.compensate,
-        ridge_lambda=args.ridge_lambda,
+        ridge_lambda=args.ridge_lambda if args.ridge_lambda == "auto" else float(args.ridge_lambda),
         calib_batch_size=args.batch_size,
         **json.loads(args.extra),
     )

@@ -10,10 +10,11 @@ from conftest import TINY_VARIANTS, random_windows, tiny_model
 from torch import nn
 
 from grail import PruneConfig, prune_model
+from grail.compensate import fit_consumer
 from grail.errors import GrailError
 from grail.methods.base import uniform_allocation
 from grail.models.arch import arch_for, layer_shape, linear_param_count
-from grail.stats import NonFiniteStatisticsError
+from grail.stats import InputStats, NonFiniteStatisticsError
 from grail.units import attention_units, mlp_units, top_units
 
 
@@ -165,3 +166,54 @@ def test_nan_activations_stop_with_the_layer_named():
     arch.mlp_linears(arch.decoder_layers(model)[1])[0].weight.data[0, 0] = float("nan")
     with pytest.raises(NonFiniteStatisticsError, match=r"layer 1 mlp\.down_proj"):
         prune_model(model, random_windows(2, 8), PruneConfig(pruning_ratio=0.3, nsamples=2), progress=False)
+
+
+def test_auto_lambda_records_heldout_errors_that_match_stored_activations():
+    """Layer 0's o_proj inputs do not depend on pruning: recompute its cross-validation directly."""
+    model = tiny_model("llama", 4, 4)
+    windows = random_windows(8, 16)
+    arch = arch_for(model.config)
+    o_proj = arch.attention_linears(arch.decoder_layers(model)[0])[3]
+    samples = []
+    handle = o_proj.register_forward_pre_hook(lambda m, a: samples.append(a[0].double()))
+    with torch.no_grad():
+        model(windows)
+    handle.remove()
+    x = samples[0]  # [8 samples, 16 tokens, 48]
+    w = o_proj.weight.double()
+    config = PruneConfig(
+        prune_method="wanda_sp", pruning_ratio=0.5, nsamples=8, compensate=True, ridge_lambda="auto", calib_batch_size=3
+    )
+    report = prune_model(copy.deepcopy(model), windows, config, progress=False)
+    block = next(b for b in report.blocks if b["layer"] == 0 and b["block"] == "attn")
+    # the same selection as the engine's (wanda scores over all tokens, group units)
+    units = attention_units(layer_shape(arch, arch.decoder_layers(model)[0]), "group")
+    scores = w.abs().mean(0) * x.reshape(-1, 48).norm(dim=0)
+    cols = units.kept_columns(top_units(units.unit_scores(scores), units.count - 2))
+    direct = {"fit": 0.0, "plain": 0.0}
+    for fold in range(4):
+        held = x[fold::4].reshape(-1, 48)  # sample j belongs to fold j % 4
+        train = torch.cat([x[j] for j in range(8) if j % 4 != fold])
+        s = InputStats(48, gram=True)
+        s.update(train)
+        fit = fit_consumer(w, s.moments(), cols, block["lambda"], affine=True)
+        direct["fit"] += (held @ w.T - held[:, cols] @ fit.weight.T - fit.bias_shift).square().sum().item()
+        direct["plain"] += (held @ w.T - held[:, cols] @ w[:, cols].T).square().sum().item()
+    assert block["heldout_error"] == pytest.approx(direct["fit"], rel=1e-6)
+    assert block["plain_heldout_error"] == pytest.approx(direct["plain"], rel=1e-6)
+    assert block["compensated"] == (direct["fit"] < direct["plain"])
+
+
+def test_auto_lambda_summary_line():
+    model = tiny_model("llama", 4, 2)
+    config = PruneConfig(prune_method="wanda_sp", pruning_ratio=0.4, nsamples=8, compensate=True, ridge_lambda="auto")
+    report = prune_model(model, random_windows(8, 16), config, progress=False)
+    line = report.auto_lambda_summary()
+    assert line.startswith("GRAIL auto: compensated ") and " of 4 consumers" in line
+    fixed = prune_model(
+        tiny_model("llama", 4, 2),
+        random_windows(8, 16),
+        PruneConfig(pruning_ratio=0.4, nsamples=8, compensate=True),
+        progress=False,
+    )
+    assert fixed.auto_lambda_summary() is None

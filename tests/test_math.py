@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from grail.compensate import (
+    ConsumerFit,
+    choose_lambda,
+    fit_consumer,
     mean_bias_shift,
-    merge,
     output_error,
-    reconstruction_map,
     solve_spd,
 )
 from grail.methods.base import uniform_allocation
@@ -128,6 +129,10 @@ def test_uniform_allocation_meets_the_layer_budget():
 # ---------------------------------------------------------------- compensation
 
 
+def _fit(x, w, kept, lam, affine):
+    return fit_consumer(w, _stats(x).moments(), kept, lam, affine)
+
+
 def _lstsq_reference(x, w, kept, affine):
     """Least-squares fit of the consumer output from the kept inputs, on stored activations."""
     design = x[:, kept]
@@ -141,27 +146,27 @@ def _lstsq_reference(x, w, kept, affine):
 def test_lambda_zero_equals_least_squares_on_stored_activations(affine):
     x, w = _data(), torch.randn(6, 10, generator=torch.Generator().manual_seed(5))
     kept = torch.tensor([0, 2, 3, 7, 8])
-    s = _stats(x)
-    rec = reconstruction_map(s.gram, kept, 0.0, s.sum if affine else None, s.count if affine else None)
-    new_w, new_b = merge(w, None, rec)
+    fit = _fit(x, w, kept, 0.0, affine)
     ref_w, ref_b = _lstsq_reference(x, w, kept, affine)
-    torch.testing.assert_close(new_w, ref_w, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(fit.weight, ref_w, rtol=1e-8, atol=1e-8)
     if affine:
-        torch.testing.assert_close(new_b, ref_b, rtol=1e-8, atol=1e-8)
+        torch.testing.assert_close(fit.bias_shift, ref_b, rtol=1e-8, atol=1e-8)
+    else:
+        assert fit.bias_shift is None
 
 
 def test_ridge_equals_augmented_least_squares():
     x = _data()
+    w = torch.randn(3, 10, generator=torch.Generator().manual_seed(8))
     kept = torch.tensor([1, 4, 5, 9])
-    s = _stats(x)
     lam = 0.3
-    penalty = lam * s.gram[kept][:, kept].diagonal().mean()
-    rec = reconstruction_map(s.gram, kept, lam)
-    # min ||X - X_P B^T||^2 + penalty ||B||^2, solved as one stacked least-squares problem
+    gram = x.T @ x
+    penalty = lam * gram[kept][:, kept].diagonal().mean()
+    # B = argmin ||X - X_P B^T||^2 + penalty ||B||^2, solved as one stacked least-squares problem
     design = torch.cat([x[:, kept], penalty.sqrt() * torch.eye(len(kept))])
     target = torch.cat([x, torch.zeros(len(kept), x.shape[1])])
-    ref = torch.linalg.lstsq(design, target).solution.T
-    torch.testing.assert_close(rec.B, ref, rtol=1e-8, atol=1e-8)
+    b_ref = torch.linalg.lstsq(design, target).solution.T
+    torch.testing.assert_close(_fit(x, w, kept, lam, False).weight, w @ b_ref, rtol=1e-8, atol=1e-8)
 
 
 def test_exact_reconstruction_when_removed_units_are_combinations_of_kept():
@@ -171,10 +176,8 @@ def test_exact_reconstruction_when_removed_units_are_combinations_of_kept():
     x = torch.cat([kept_part, removed_part], dim=1)
     w = torch.randn(5, 9, generator=g)
     kept = torch.arange(6)
-    s = _stats(x)
-    rec = reconstruction_map(s.gram, kept, 0.0, s.sum, s.count)
-    new_w, new_b = merge(w, torch.zeros(5), rec)
-    dense, pruned = x @ w.T, x[:, kept] @ new_w.T + new_b
+    fit = _fit(x, w, kept, 0.0, True)
+    dense, pruned = x @ w.T, x[:, kept] @ fit.weight.T + fit.bias_shift
     assert (pruned - dense).norm() / dense.norm() < 1e-4
 
 
@@ -184,12 +187,10 @@ def test_lambda_zero_compensation_is_never_worse_than_plain_pruning(seed):
     g = torch.Generator().manual_seed(100 + seed)
     w = torch.randn(7, 12, generator=g)
     kept = torch.randperm(12, generator=g)[:6].sort().values
-    s = _stats(x)
-    plain = output_error(w, w[:, kept], None, kept, s.gram, s.sum, s.count)
+    moments = _stats(x).moments()
+    plain = output_error(w, ConsumerFit(w[:, kept], None), kept, moments)
     for affine in (False, True):
-        rec = reconstruction_map(s.gram, kept, 0.0, s.sum if affine else None, s.count if affine else None)
-        new_w, shift = merge(w, None, rec)
-        assert output_error(w, new_w, shift, kept, s.gram, s.sum, s.count) <= plain * (1 + 1e-12)
+        assert output_error(w, _fit(x, w, kept, 0.0, affine), kept, moments) <= plain * (1 + 1e-12)
 
 
 def test_output_error_formula_equals_direct_sum():
@@ -198,17 +199,18 @@ def test_output_error_formula_equals_direct_sum():
     w, new_w, shift = torch.randn(4, 8, generator=g), torch.randn(4, 5, generator=g), torch.randn(4, generator=g)
     kept = torch.tensor([0, 1, 3, 4, 6])
     direct = ((x @ w.T) - (x[:, kept] @ new_w.T + shift)).square().sum()
-    s = _stats(x)
-    assert output_error(w, new_w, shift, kept, s.gram, s.sum, s.count) == pytest.approx(direct.item(), rel=1e-10)
+    got = output_error(w, ConsumerFit(new_w, shift), kept, _stats(x).moments())
+    assert got == pytest.approx(direct.item(), rel=1e-10)
 
 
 def test_singular_gram_gets_jitter_and_still_reconstructs():
     g = torch.Generator().manual_seed(4)
     base = torch.randn(100, 4, generator=g)
     x = torch.cat([base, base[:, :1]], dim=1)  # kept columns 0 and 4 are identical
-    rec = reconstruction_map(x.T @ x, torch.tensor([0, 1, 2, 3, 4]), 0.0)
-    assert rec.jitter > 0
-    assert ((x @ rec.B.T) - x).norm() / x.norm() < 1e-4
+    w = torch.randn(3, 5, generator=g)
+    fit = _fit(x, w, torch.arange(5), 0.0, False)
+    assert fit.jitter > 0
+    assert ((x @ fit.weight.T) - x @ w.T).norm() / (x @ w.T).norm() < 1e-4
 
 
 def test_solve_spd_reports_no_jitter_for_regular_systems():
@@ -230,10 +232,65 @@ def test_affine_fit_on_constant_removed_units_is_exactly_flaps_bias():
     kept_part = torch.randn(200, 5, generator=g)
     constants = torch.tensor([2.0, -1.5, 0.25])
     x = torch.cat([kept_part, constants.expand(200, 3)], dim=1)
-    w, b = torch.randn(4, 8, generator=g), torch.randn(4, generator=g)
+    w = torch.randn(4, 8, generator=g)
     kept = torch.arange(5)
-    s = _stats(x)
-    new_w, new_b = merge(w, b, reconstruction_map(s.gram, kept, 0.0, s.sum, s.count))
-    torch.testing.assert_close(new_w, w[:, kept])
-    torch.testing.assert_close(new_b, b + mean_bias_shift(w, s.mean, kept))
-    torch.testing.assert_close(new_b, b + w[:, 5:] @ constants)
+    fit = _fit(x, w, kept, 0.0, True)
+    torch.testing.assert_close(fit.weight, w[:, kept])
+    torch.testing.assert_close(fit.bias_shift, mean_bias_shift(w, _stats(x).mean, kept))
+    torch.testing.assert_close(fit.bias_shift, w[:, 5:] @ constants)
+
+
+# ---------------------------------------------------------------- choosing lambda on held-out folds
+
+
+def _fold_stats(x, n_folds):
+    """Per-fold statistics; rows are assigned to folds in contiguous blocks (whole samples)."""
+    s = InputStats(x.shape[1], gram=True, n_folds=n_folds)
+    for f, chunk in enumerate(x.chunk(n_folds)):
+        s.update(chunk, fold=f)
+    return s
+
+
+@pytest.mark.parametrize("fit_name", ["linear", "affine", "seed"])
+def test_heldout_errors_from_grams_equal_direct_computation(fit_name):
+    x = _data(n=120, h=9, seed=11)
+    w = torch.randn(5, 9, generator=torch.Generator().manual_seed(12))
+    kept = torch.tensor([0, 2, 3, 5, 8])
+    removed = torch.tensor([1, 4, 6, 7])
+    chunks = x.chunk(4)
+    choice = choose_lambda(w, _fold_stats(x, 4).fold_moments(), kept, fit_name, mean_bias=True)
+    for lam in (0.0, 1e-3, 1.0, None):
+        direct = 0.0
+        for f in range(4):
+            train = torch.cat([c for i, c in enumerate(chunks) if i != f])
+            held = chunks[f]
+            mean_shift = w[:, removed] @ train.mean(0)[removed]
+            if lam is None:
+                new_w, shift = w[:, kept], mean_shift
+            else:
+                fit = _fit(train, w, kept, lam, fit_name == "affine")
+                new_w, shift = fit.weight, fit.bias_shift
+                if fit_name == "seed":
+                    shift = mean_shift
+            pred = held[:, kept] @ new_w.T + (0 if shift is None else shift)
+            direct += (held @ w.T - pred).square().sum().item()
+        got = choice.plain_error if lam is None else choice.errors[lam]
+        assert got == pytest.approx(direct, rel=1e-8)
+
+
+def test_guard_keeps_plain_pruning_where_compensation_cannot_help():
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(400, 10, generator=g)  # independent, zero-mean units: nothing to reconstruct from
+    w = torch.randn(6, 10, generator=g)
+    choice = choose_lambda(w, _fold_stats(x, 4).fold_moments(), torch.arange(5), "affine", mean_bias=False)
+    assert not choice.compensate
+
+
+def test_auto_lambda_reconstructs_linear_combinations_exactly():
+    g = torch.Generator().manual_seed(14)
+    kept_part = torch.randn(400, 6, generator=g)
+    x = torch.cat([kept_part, kept_part @ torch.randn(6, 4, generator=g)], dim=1)
+    w = torch.randn(5, 10, generator=g)
+    choice = choose_lambda(w, _fold_stats(x, 4).fold_moments(), torch.arange(6), "linear", mean_bias=False)
+    assert choice.compensate and choice.lam <= 1e-6
+    assert choice.heldout_error < 1e-8 * choice.plain_error

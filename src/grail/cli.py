@@ -21,6 +21,15 @@ def _dataset_list(value: str) -> list[str]:
     return names
 
 
+def _ridge_lambda(value: str) -> float | str:
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {value!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="grail",
@@ -58,10 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--compensate", action="store_true", help="enable GRAIL compensation")
     comp.add_argument(
         "--ridge_lambda",
-        type=float,
+        type=_ridge_lambda,
         default=0.001,
-        help="ridge penalty, relative to the mean diagonal of the kept units' Gram matrix",
+        help="ridge penalty, relative to the mean diagonal of the kept units' Gram matrix, or 'auto': chosen "
+        "per consumer on held-out calibration windows, keeping the uncompensated weights where compensation "
+        "does not help",
     )
+    comp.add_argument("--cv_folds", type=int, default=4, help="folds of calibration windows for --ridge_lambda auto")
     comp.add_argument(
         "--comp_nsamples",
         type=int,
@@ -130,6 +142,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         comp_nsamples=args.comp_nsamples,
         compensate=args.compensate,
         ridge_lambda=args.ridge_lambda,
+        cv_folds=args.cv_folds,
         grail_fit=args.grail_fit,
         bias_compensation=not args.no_bias_compensation,
         attention_unit=args.attention_unit,

@@ -8,9 +8,13 @@ count ``N``, kept columns ``P`` (K of them).
 * Affine fit:  ``h ~ B h[P] + c``, the same ridge problem with a constant regressor
   appended (the constant is not penalised). Its intercept turns into a bias.
 
-and the merge into the consumer is ``W' = W B``, ``b' = b + W c``. With ``lam = 0`` the
-result is the least-squares fit of the consumer's *output* on the calibration data.
+The merge into the consumer is ``W' = W B``, ``b' = b + W c``. With ``lam = 0`` the result
+is the least-squares fit of the consumer's *output* on the calibration data.
 ``lam' = lam * mean(diag G[P, P])``, so ``lam`` is relative to the typical feature energy.
+
+The solves work in the consumer's output space: ``W'^T = (G[P, P] + lam' I)^-1 (W G[:, P])^T``
+never forms ``B`` (H x K), which saves work when O < H and lets cross-validation reuse
+``W G_f[:, P]`` for every fold ``f`` and every ``lam``.
 
 Every function here is pure tensor code in float64 and knows nothing about models.
 """
@@ -28,6 +32,8 @@ from grail.errors import GrailError
 log = logging.getLogger(__name__)
 
 FITS = ("affine", "linear", "seed")
+# Candidate penalties for --ridge_lambda auto: 0 and the decades 1e-6 ... 1.
+LAMBDA_GRID = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
 class SingularSystemError(GrailError, RuntimeError):
@@ -56,54 +62,73 @@ def solve_spd(a: Tensor, rhs: Tensor, where: str = "") -> tuple[Tensor, float]:
 
 
 @dataclass(frozen=True)
-class Reconstruction:
-    """``h ~ B h[P] + c``: ``B`` is H x K, ``c`` (affine fits only) has length H."""
+class Moments:
+    """Token sums of one slice of the calibration data: ``G``, ``s`` and ``N``."""
 
-    B: Tensor
-    c: Tensor | None
-    jitter: float
+    gram: Tensor
+    sums: Tensor
+    count: int
+
+    def __sub__(self, other: Moments) -> Moments:
+        return Moments(self.gram - other.gram, self.sums - other.sums, self.count - other.count)
+
+    @property
+    def mean(self) -> Tensor:
+        return self.sums / max(self.count, 1)
 
 
-def reconstruction_map(
-    gram: Tensor,
-    kept: Tensor,
+@dataclass(frozen=True)
+class ConsumerFit:
+    """A consumer's new weight over the kept columns and the shift of its bias."""
+
+    weight: Tensor  # O x K
+    bias_shift: Tensor | None  # O, or None when no bias is added
+    jitter: float = 0.0
+
+
+def _penalty(gram_pp: Tensor, lam: float) -> Tensor:
+    return lam * gram_pp.diagonal().mean()
+
+
+def fit_from_products(
+    gram_pp: Tensor,
+    sums_p: Tensor,
+    count: int,
+    wg: Tensor,
+    ws: Tensor,
     lam: float,
-    sums: Tensor | None = None,
-    count: int | None = None,
+    affine: bool,
     where: str = "",
-) -> Reconstruction:
-    """Ridge map from the kept features to all features; affine when ``sums``/``count`` are given."""
-    gram = gram.to(torch.float64)
-    kept = kept.to(gram.device)
-    g_pp = gram[kept][:, kept]
-    penalty = lam * g_pp.diagonal().mean()
-    k = len(kept)
-    if sums is None:
-        a = g_pp + penalty * torch.eye(k, dtype=gram.dtype, device=gram.device)
-        x, jitter = solve_spd(a, gram[kept], where)  # K x H
-        return Reconstruction(x.T, None, jitter)
-    sums = sums.to(gram)
-    s_p = sums[kept]
-    a = torch.empty(k + 1, k + 1, dtype=gram.dtype, device=gram.device)
-    a[:k, :k] = g_pp
-    a[:k, k] = s_p
-    a[k, :k] = s_p
+) -> ConsumerFit:
+    """The ridge fit from its sufficient statistics.
+
+    ``gram_pp = G[P, P]``, ``sums_p = s[P]``, ``wg = W G[:, P]`` (O x K), ``ws = W s`` (O).
+    """
+    k = gram_pp.shape[0]
+    eye = torch.eye(k, dtype=gram_pp.dtype, device=gram_pp.device)
+    if not affine:
+        x, jitter = solve_spd(gram_pp + _penalty(gram_pp, lam) * eye, wg.T, where)
+        return ConsumerFit(x.T, None, jitter)
+    a = torch.empty(k + 1, k + 1, dtype=gram_pp.dtype, device=gram_pp.device)
+    a[:k, :k] = gram_pp + _penalty(gram_pp, lam) * eye
+    a[:k, k] = sums_p
+    a[k, :k] = sums_p
     a[k, k] = float(count)
-    a[:k, :k] += penalty * torch.eye(k, dtype=gram.dtype, device=gram.device)
-    rhs = torch.cat([gram[kept], sums.unsqueeze(0)], dim=0)  # (K+1) x H
-    x, jitter = solve_spd(a, rhs, where)
-    return Reconstruction(x[:k].T, x[k], jitter)
+    x, jitter = solve_spd(a, torch.cat([wg, ws.unsqueeze(1)], dim=1).T, where)  # (K+1) x O
+    return ConsumerFit(x[:k].T, x[k], jitter)
 
 
-def merge(weight: Tensor, bias: Tensor | None, rec: Reconstruction) -> tuple[Tensor, Tensor | None]:
-    """Fold a reconstruction into the consumer: ``W' = W B``, ``b' = b + W c``."""
-    w64 = weight.to(torch.float64)
-    new_weight = w64 @ rec.B.to(w64)
-    new_bias = None if bias is None else bias.to(torch.float64)
-    if rec.c is not None:
-        shift = w64 @ rec.c.to(w64)
-        new_bias = shift if new_bias is None else new_bias + shift
-    return new_weight, new_bias
+def fit_consumer(
+    weight: Tensor, moments: Moments, kept: Tensor, lam: float, affine: bool, where: str = ""
+) -> ConsumerFit:
+    """GRAIL's compensated consumer: ``W' = W B`` (and ``W c`` as bias shift when affine)."""
+    w = weight.to(torch.float64)
+    gram = moments.gram.to(w)
+    kept = kept.to(w.device)
+    sums = moments.sums.to(w)
+    return fit_from_products(
+        gram[kept][:, kept], sums[kept], moments.count, w @ gram[:, kept], w @ sums, lam, affine, where
+    )
 
 
 def mean_bias_shift(weight: Tensor, mean: Tensor, kept: Tensor) -> Tensor:
@@ -113,29 +138,106 @@ def mean_bias_shift(weight: Tensor, mean: Tensor, kept: Tensor) -> Tensor:
     return weight.to(torch.float64)[:, removed] @ mean.to(weight.device, torch.float64)[removed]
 
 
-def add_bias(bias: Tensor | None, shift: Tensor) -> Tensor:
+def add_bias(bias: Tensor | None, shift: Tensor | None) -> Tensor | None:
+    if shift is None:
+        return bias
     return shift if bias is None else bias.to(shift) + shift
 
 
-def output_error(
-    weight: Tensor,
-    new_weight: Tensor,
-    bias_shift: Tensor | None,
-    kept: Tensor,
-    gram: Tensor,
-    sums: Tensor,
-    count: int,
-) -> float:
-    """``sum_n ||W h_n + b - (W' h_n[P] + b')||^2`` over the tokens that gave ``gram``, ``sums``.
+def output_error(weight: Tensor, fit: ConsumerFit, kept: Tensor, moments: Moments) -> float:
+    """``sum_n ||W h_n + b - (W' h_n[P] + b')||^2`` over the tokens summarised by ``moments``.
 
     With ``D = W - W' S`` (``S`` selects the kept features) and ``d = b' - b`` the residual is
     ``D h_n - d``, so the error is ``tr(D G D^T) - 2 d^T D s + N |d|^2``: no activations needed.
     """
-    gram = gram.to(torch.float64)
+    gram = moments.gram.to(torch.float64)
     d_mat = weight.to(gram).clone()
-    d_mat[:, kept.to(gram.device)] -= new_weight.to(gram)
+    d_mat[:, kept.to(gram.device)] -= fit.weight.to(gram)
     err = (d_mat @ gram * d_mat).sum()
-    if bias_shift is not None:
-        d = bias_shift.to(gram)
-        err = err - 2 * d @ (d_mat @ sums.to(gram)) + count * d.square().sum()
+    if fit.bias_shift is not None:
+        d = fit.bias_shift.to(gram)
+        err = err - 2 * d @ (d_mat @ moments.sums.to(gram)) + moments.count * d.square().sum()
     return float(err)
+
+
+@dataclass(frozen=True)
+class LambdaChoice:
+    """Outcome of choosing the ridge penalty on held-out folds."""
+
+    lam: float  # the penalty with the lowest held-out error
+    heldout_error: float  # its summed held-out output error
+    plain_error: float  # held-out error of the uncompensated consumer
+    errors: dict[float, float]  # every candidate's held-out error
+
+    @property
+    def compensate(self) -> bool:
+        """The guard: compensate only where it beats the uncompensated consumer on held-out data."""
+        return self.heldout_error < self.plain_error
+
+
+def choose_lambda(
+    weight: Tensor,
+    folds: list[Moments],
+    kept: Tensor,
+    fit: str,
+    mean_bias: bool,
+    grid: tuple[float, ...] = LAMBDA_GRID,
+    where: str = "",
+) -> LambdaChoice:
+    """K-fold cross-validation of the ridge penalty from per-fold moments, with solves only.
+
+    For fold ``f`` the fit uses the other folds (``total - fold``) and is scored on ``f``:
+    ``err_f = tr(W G_f W^T) - 2 <W', W G_f[:, P]> + <W', W' G_f[P, P]>`` plus the bias terms
+    of :func:`output_error`. ``W G_f[:, P]`` and ``tr(W G_f W^T)`` are computed once per fold,
+    so each candidate costs one K x K factorisation per fold. ``fit`` is one of
+    :data:`FITS`; ``mean_bias`` adds FLAP's mean bias (from the training folds) to the
+    uncompensated consumer and to the ``seed`` fit. The uncompensated consumer is scored
+    the same way, for the guard.
+    """
+    w = weight.to(torch.float64)
+    kept = kept.to(w.device)
+    stats = []
+    for fold in folds:
+        gram, sums = fold.gram.to(w), fold.sums.to(w)
+        stats.append(
+            {
+                "gram_pp": gram[kept][:, kept],
+                "sums_p": sums[kept],
+                "count": fold.count,
+                "wg": w @ gram[:, kept],
+                "ws": w @ sums,
+                "wgw": float((w @ gram * w).sum()),
+            }
+        )
+    keys = ("gram_pp", "sums_p", "count", "wg", "ws")
+    full = {k: sum(f[k] for f in stats) for k in keys}
+    w_kept = w[:, kept]
+
+    def mean_shift(train: dict) -> Tensor | None:
+        # W[:, R] mean[R] = (W s - W[:, P] s[P]) / N over the training tokens
+        return (train["ws"] - w_kept @ train["sums_p"]) / max(train["count"], 1) if mean_bias else None
+
+    def candidate(train: dict, lam: float | None) -> ConsumerFit:
+        if lam is None:  # the uncompensated consumer
+            return ConsumerFit(w_kept, mean_shift(train))
+        result = fit_from_products(
+            train["gram_pp"], train["sums_p"], train["count"], train["wg"], train["ws"], lam, fit == "affine", where
+        )
+        if fit == "seed":
+            result = ConsumerFit(result.weight, mean_shift(train), result.jitter)
+        return result
+
+    def heldout_error(lam: float | None) -> float:
+        err = 0.0
+        for f in stats:
+            c = candidate({k: full[k] - f[k] for k in keys}, lam)
+            new_w = c.weight
+            err += f["wgw"] - 2 * float((new_w * f["wg"]).sum()) + float((new_w @ f["gram_pp"] * new_w).sum())
+            if c.bias_shift is not None:
+                d = c.bias_shift
+                err += -2 * float(d @ (f["ws"] - new_w @ f["sums_p"])) + f["count"] * float(d.square().sum())
+        return err
+
+    errors = {lam: heldout_error(lam) for lam in grid}
+    best = min(errors, key=errors.get)
+    return LambdaChoice(best, errors[best], heldout_error(None), errors)

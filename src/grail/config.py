@@ -44,7 +44,8 @@ class PruneConfig:
     nsamples: int = 128  # calibration windows for the selector's statistics
     comp_nsamples: int | None = None  # windows for the Gram matrices; None: same as nsamples
     compensate: bool = False
-    ridge_lambda: float = 0.001  # relative to the mean diagonal of the kept units' Gram
+    ridge_lambda: float | str = 0.001  # relative to the mean diagonal of the kept Gram; or "auto"
+    cv_folds: int = 4  # folds of calibration samples for ridge_lambda="auto"
     grail_fit: str = "affine"  # "affine" (with intercept), "linear", or "seed" (linear + mean bias)
     bias_compensation: bool = True  # allow biases on o_proj/down_proj (FLAP's, or the affine intercept)
     attention_unit: str = "group"  # "group" (key/value group) or "query" (bundles of query heads)
@@ -68,8 +69,17 @@ class PruneConfig:
             raise ConfigError(f"--nsamples must be at least 1, got {self.nsamples}.")
         if self.comp_nsamples is not None and self.comp_nsamples < 1:
             raise ConfigError(f"--comp_nsamples must be at least 1, got {self.comp_nsamples}.")
-        if not self.ridge_lambda >= 0.0:  # also rejects NaN
-            raise ConfigError(f"--ridge_lambda must be >= 0, got {self.ridge_lambda}.")
+        if self.ridge_lambda != "auto" and not (
+            isinstance(self.ridge_lambda, int | float) and self.ridge_lambda >= 0.0  # also rejects NaN
+        ):
+            raise ConfigError(f"--ridge_lambda must be 'auto' or a number >= 0, got {self.ridge_lambda!r}.")
+        if self.cv_folds < 2:
+            raise ConfigError(f"--cv_folds must be at least 2, got {self.cv_folds}.")
+        if self.compensate and self.ridge_lambda == "auto" and self.gram_nsamples < self.cv_folds:
+            raise ConfigError(
+                f"--ridge_lambda auto holds out whole calibration windows: --comp_nsamples ({self.gram_nsamples}) "
+                f"must be at least --cv_folds ({self.cv_folds})."
+            )
         if self.grail_fit not in FITS:
             raise ConfigError(f"--grail_fit must be one of {', '.join(FITS)}, got {self.grail_fit!r}.")
         if self.attention_unit not in ATTENTION_UNITS:

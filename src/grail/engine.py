@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from grail.compensate import add_bias, mean_bias_shift, merge, reconstruction_map
+from grail.compensate import add_bias, choose_lambda, fit_consumer, mean_bias_shift
 from grail.config import PruneConfig
 from grail.errors import GrailError
 from grail.methods import BlockContext, Decision, Method, make_method
@@ -125,12 +125,12 @@ def run_layer(
                 k = min(x.shape[0], limit - start)
                 if k <= 0:
                     continue
-                n_folds = len(stats.fold_counts)
-                if n_folds == 1:
+                if stats.n_folds == 1:
                     stats.update(x[:k])
-                else:
-                    for j in range(k):
-                        stats.update(x[j], fold=(start + j) % n_folds)
+                    continue
+                folds = (start + torch.arange(k, device=x.device)) % stats.n_folds  # sample j -> fold j % K
+                for fold in folds.unique().tolist():
+                    stats.update(x[:k][folds == fold], fold=fold)
             if module is stop_at:
                 raise _StopForward
 
@@ -179,6 +179,15 @@ class PruneReport:
         """Calibration passes through the whole model (layer passes / layers)."""
         return self.layer_passes / self.n_layers if self.n_layers else 0.0
 
+    def auto_lambda_summary(self) -> str | None:
+        """One line on --ridge_lambda auto's decisions, or None when it was not used."""
+        chosen = [b for b in self.blocks if "compensated" in b]
+        if not chosen:
+            return None
+        used = sorted(b["lambda"] for b in chosen if b["compensated"])
+        span = f"lambda {used[0]:g} to {used[-1]:g}" if used else "no lambda used"
+        return f"GRAIL auto: compensated {len(used)} of {len(chosen)} consumers ({span}); the rest kept plain pruning"
+
     def as_dict(self) -> dict:
         return {
             "method": self.method,
@@ -202,25 +211,31 @@ def _consumer_update(
 ) -> tuple[Tensor, Tensor | None, dict]:
     """The consumer's new weight over the kept columns, its bias, and notes for the report."""
     kept_columns = kept_columns.to(weight.device)
-    if config.compensate:
-        affine = config.grail_fit == "affine" and config.bias_compensation
-        rec = reconstruction_map(
-            gram_stats.gram,
-            kept_columns,
-            config.ridge_lambda,
-            gram_stats.sum if affine else None,
-            gram_stats.count if affine else None,
-            where=where,
-        )
-        new_weight, new_bias = merge(weight, bias, rec)
-        if config.grail_fit == "seed" and mean_bias:
-            new_bias = add_bias(new_bias, mean_bias_shift(weight, selection.mean, kept_columns))
-        return new_weight, new_bias, {"lambda": config.ridge_lambda, "jitter": rec.jitter}
-    new_weight = decision.weight if decision.weight is not None else weight[:, kept_columns]
-    new_bias = bias
-    if mean_bias:
-        new_bias = add_bias(bias, mean_bias_shift(weight, selection.mean, kept_columns))
-    return new_weight, new_bias, {}
+    plain_weight = decision.weight if decision.weight is not None else weight[:, kept_columns]
+    plain_shift = mean_bias_shift(weight, selection.mean, kept_columns) if mean_bias else None
+    if not config.compensate:
+        return plain_weight, add_bias(bias, plain_shift), {}
+    affine = config.grail_fit == "affine" and config.bias_compensation
+    notes: dict = {}
+    lam = config.ridge_lambda
+    if lam == "auto":
+        fit_name = "affine" if affine else ("seed" if config.grail_fit == "seed" else "linear")
+        choice = choose_lambda(weight, gram_stats.fold_moments(), kept_columns, fit_name, mean_bias, where=where)
+        notes = {
+            "lambda": choice.lam,
+            "heldout_error": choice.heldout_error,
+            "plain_heldout_error": choice.plain_error,
+            "compensated": choice.compensate,
+        }
+        if not choice.compensate:  # the guard: keep the uncompensated consumer
+            return plain_weight, add_bias(bias, plain_shift), notes
+        lam = choice.lam
+    fit = fit_consumer(weight, gram_stats.moments(), kept_columns, lam, affine, where)
+    shift = fit.bias_shift
+    if config.grail_fit == "seed":
+        shift = add_bias(shift, plain_shift)  # the research code's convention: mean bias on top
+    notes.update({"lambda": lam, "jitter": fit.jitter})
+    return fit.weight, add_bias(bias, shift), notes
 
 
 def block_contexts(arch: ArchSpec, index: int, layer: nn.Module, config: PruneConfig) -> dict[str, BlockContext]:
@@ -381,12 +396,13 @@ def _block_stats(
     """
     device, dim = calib.device, consumer.in_features
     wants_gram = config.compensate
+    folds = config.cv_folds if config.ridge_lambda == "auto" else 1
     if wants_gram and (not wants_selection or config.gram_nsamples == config.nsamples):
-        shared = InputStats(dim, gram=True, device=device)
+        shared = InputStats(dim, gram=True, device=device, n_folds=folds)
         run_layer(layer, calib, [(consumer, [(shared, config.gram_nsamples)])], stop_at=consumer)
         return (shared if wants_selection else None), shared
     selection = InputStats(dim, gram=selection_gram, device=device) if wants_selection else None
-    gram_stats = InputStats(dim, gram=True, device=device) if wants_gram else None
+    gram_stats = InputStats(dim, gram=True, device=device, n_folds=folds) if wants_gram else None
     targets = [(selection, config.nsamples)] if selection is not None else []
     if gram_stats is not None:
         targets.append((gram_stats, config.gram_nsamples))

@@ -104,6 +104,8 @@ def run(config: RunConfig, progress: bool = True) -> dict:
         with timer.section("calibration"):
             windows = _calibration_windows(tokenizer, calib_text, needed, config.seqlen, prune_cfg.seed)
     report = prune_model(model, windows, prune_cfg, timer, method, progress)
+    if report.auto_lambda_summary():
+        log.info(report.auto_lambda_summary())
     if prune_cfg.pruning_ratio > 0:
         log.info(
             "%s removed %.2f%% of the decoder's linear parameters (%d -> %d)",

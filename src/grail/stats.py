@@ -11,7 +11,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from grail.compensate import Moments
 from grail.errors import GrailError
+
+
+def _total(tensors: list[Tensor]) -> Tensor:
+    total = tensors[0]
+    for t in tensors[1:]:
+        total = total + t
+    return total
 
 
 class NonFiniteStatisticsError(GrailError, FloatingPointError):
@@ -21,31 +29,34 @@ class NonFiniteStatisticsError(GrailError, FloatingPointError):
 class InputStats:
     """Sums over the calibration tokens seen by one linear layer's input.
 
-    ``n_folds > 1`` keeps one Gram matrix per fold of calibration samples (for choosing
-    the ridge penalty on held-out folds); the full Gram is their sum.
+    ``n_folds > 1`` keeps the token count, feature sums and Gram matrix per fold of
+    calibration samples (for choosing the ridge penalty on held-out folds); the totals
+    are their sums.
     """
 
     def __init__(self, dim: int, gram: bool, device: torch.device | str = "cpu", n_folds: int = 1):
         self.dim = dim
-        self.count = 0
-        self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
         self.sq_sum = torch.zeros(dim, dtype=torch.float64, device=device)
-        self.fold_grams: list[Tensor] | None = None
         self.fold_counts = [0] * n_folds
+        self.fold_sums = [torch.zeros(dim, dtype=torch.float64, device=device) for _ in range(n_folds)]
+        self.fold_grams: list[Tensor] | None = None
         if gram:
             self.fold_grams = [torch.zeros(dim, dim, dtype=torch.float64, device=device) for _ in range(n_folds)]
+
+    @property
+    def n_folds(self) -> int:
+        return len(self.fold_counts)
 
     @property
     def has_gram(self) -> bool:
         return self.fold_grams is not None
 
     def update(self, x: Tensor, fold: int = 0) -> None:
-        """Add a batch of inputs ``x`` (any leading shape, last dimension ``dim``)."""
+        """Add a batch of inputs ``x`` (any leading shape, last dimension ``dim``) to ``fold``."""
         x = x.reshape(-1, self.dim)
         x64 = x.to(torch.float64)
-        self.count += x.shape[0]
         self.fold_counts[fold] += x.shape[0]
-        self.sum += x64.sum(dim=0)
+        self.fold_sums[fold] += x64.sum(dim=0)
         self.sq_sum += x64.square().sum(dim=0)
         if self.fold_grams is not None:
             # The product runs in float32 (fast everywhere) unless the inputs are float64;
@@ -54,13 +65,27 @@ class InputStats:
             self.fold_grams[fold] += (xm.T @ xm).to(torch.float64)
 
     @property
+    def count(self) -> int:
+        return sum(self.fold_counts)
+
+    @property
+    def sum(self) -> Tensor:
+        return _total(self.fold_sums)
+
+    @property
     def gram(self) -> Tensor:
         if self.fold_grams is None:
             raise RuntimeError("these statistics were collected without a Gram matrix")
-        total = self.fold_grams[0]
-        for g in self.fold_grams[1:]:
-            total = total + g
-        return total
+        return _total(self.fold_grams)
+
+    def moments(self) -> Moments:
+        """Gram matrix, sums and count over all tokens."""
+        return Moments(self.gram, self.sum, self.count)
+
+    def fold_moments(self) -> list[Moments]:
+        if self.fold_grams is None:
+            raise RuntimeError("these statistics were collected without a Gram matrix")
+        return [Moments(g, s, n) for g, s, n in zip(self.fold_grams, self.fold_sums, self.fold_counts, strict=True)]
 
     @property
     def mean(self) -> Tensor:
@@ -80,7 +105,7 @@ class InputStats:
         return ((self.sq_sum - self.sum.square() / n) / (n - 1)).clamp_min(0.0)
 
     def check_finite(self, where: str) -> None:
-        tensors = [self.sum, self.sq_sum, *(self.fold_grams or [])]
+        tensors = [*self.fold_sums, self.sq_sum, *(self.fold_grams or [])]
         if not all(bool(torch.isfinite(t).all()) for t in tensors):
             raise NonFiniteStatisticsError(
                 f"NaN or Inf in the calibration statistics of {where}. The activations overflowed "
@@ -94,8 +119,7 @@ class InputStats:
 
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
-        counts = torch.tensor([self.count, *self.fold_counts], dtype=torch.float64, device=self.sum.device)
-        for t in (counts, self.sum, self.sq_sum, *(self.fold_grams or [])):
+        counts = torch.tensor(self.fold_counts, dtype=torch.float64, device=self.sq_sum.device)
+        for t in (counts, *self.fold_sums, self.sq_sum, *(self.fold_grams or [])):
             dist.all_reduce(t)
-        self.count = int(counts[0].item())
-        self.fold_counts = [int(c) for c in counts[1:].tolist()]
+        self.fold_counts = [int(c) for c in counts.tolist()]
