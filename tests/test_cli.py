@@ -130,3 +130,18 @@ def test_smollm2_flap_compensation_lowers_perplexity(smollm2_dir, data_dir, tmp_
     plain = _cli_perplexity(str(smollm2_dir), "flap", False, data_dir, tmp_path)
     compensated = _cli_perplexity(str(smollm2_dir), "flap", True, data_dir, tmp_path)
     assert compensated < plain
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["slimgpt", "wanda_pp_sp"])
+def test_smollm2_slimgpt_and_wanda_pp_run_from_the_command_line(smollm2_dir, data_dir, tmp_path, method):
+    results_file = tmp_path / "r.json"
+    args = [
+        "--model", str(smollm2_dir), "--prune_method", method, "--pruning_ratio", "0.3", "--nsamples", "16",
+        "--seqlen", "256", "--data_dir", str(data_dir), "--eval", "--eval_samples", "8", "--compensate",
+        "--ridge_lambda", "auto", "--ro_iter", "1", "--device", "cpu", "--output_json", str(results_file), "--quiet",
+    ]  # fmt: skip
+    assert main(args) == 0
+    results = json.loads(results_file.read_text())
+    assert results["params"]["removed_fraction"] == pytest.approx(0.3, abs=0.02)
+    assert 1 < results["ppl"]["wikitext2"] < 1e4

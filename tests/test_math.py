@@ -251,14 +251,15 @@ def _fold_stats(x, n_folds):
     return s
 
 
+@pytest.mark.parametrize("prior", ["zero", "pruned"])
 @pytest.mark.parametrize("fit_name", ["linear", "affine", "seed"])
-def test_heldout_errors_from_grams_equal_direct_computation(fit_name):
+def test_heldout_errors_from_grams_equal_direct_computation(fit_name, prior):
     x = _data(n=120, h=9, seed=11)
     w = torch.randn(5, 9, generator=torch.Generator().manual_seed(12))
     kept = torch.tensor([0, 2, 3, 5, 8])
     removed = torch.tensor([1, 4, 6, 7])
     chunks = x.chunk(4)
-    choice = choose_lambda(w, _fold_stats(x, 4).fold_moments(), kept, fit_name, mean_bias=True)
+    choice = choose_lambda(w, _fold_stats(x, 4).fold_moments(), kept, fit_name, mean_bias=True, prior=prior)
     for lam in (0.0, 1e-3, 1.0, None):
         direct = 0.0
         for f in range(4):
@@ -268,7 +269,7 @@ def test_heldout_errors_from_grams_equal_direct_computation(fit_name):
             if lam is None:
                 new_w, shift = w[:, kept], mean_shift
             else:
-                fit = _fit(train, w, kept, lam, fit_name == "affine")
+                fit = fit_consumer(w, _stats(train).moments(), kept, lam, fit_name == "affine", prior=prior)
                 new_w, shift = fit.weight, fit.bias_shift
                 if fit_name == "seed":
                     shift = mean_shift
@@ -294,3 +295,34 @@ def test_auto_lambda_reconstructs_linear_combinations_exactly():
     choice = choose_lambda(w, _fold_stats(x, 4).fold_moments(), torch.arange(6), "linear", mean_bias=False)
     assert choice.compensate and choice.lam <= 1e-6
     assert choice.heldout_error < 1e-8 * choice.plain_error
+
+
+def test_ridge_towards_plain_pruning_penalises_only_the_removed_units():
+    x = _data(n=300, h=10, seed=15)
+    w = torch.randn(4, 10, generator=torch.Generator().manual_seed(16))
+    kept, removed = torch.tensor([0, 1, 3, 6, 7, 9]), torch.tensor([2, 4, 5, 8])
+    gram = x.T @ x
+    g_pp = gram[kept][:, kept]
+    lam = 0.05
+    penalty = lam * g_pp.diagonal().mean()
+    # W' = W_P + W_R G[R, P] (G[P, P] + penalty I)^-1
+    expected = w[:, kept] + w[:, removed] @ gram[removed][:, kept] @ torch.linalg.inv(g_pp + penalty * torch.eye(6))
+    fit = fit_consumer(w, _stats(x).moments(), kept, lam, affine=False, prior="pruned")
+    torch.testing.assert_close(fit.weight, expected, rtol=1e-8, atol=1e-8)
+    # an enormous penalty gives plain pruning, and with the affine fit FLAP's mean bias
+    huge = fit_consumer(w, _stats(x).moments(), kept, 1e9, affine=True, prior="pruned")
+    torch.testing.assert_close(huge.weight, w[:, kept], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(huge.bias_shift, mean_bias_shift(w, x.mean(0), kept), rtol=1e-5, atol=1e-5)
+
+
+def test_sketched_cross_validation_estimates_the_exact_errors():
+    """Wide consumers are scored on a random sketch of their outputs: close to the exact errors."""
+    x = _data(n=400, h=12, seed=17)
+    w = torch.randn(600, 12, generator=torch.Generator().manual_seed(18))  # wider than SKETCH_ROWS
+    kept = torch.tensor([0, 1, 2, 4, 6, 7, 9, 11])
+    folds = _fold_stats(x, 4).fold_moments()
+    sketched = choose_lambda(w, folds, kept, "affine", mean_bias=False)
+    exact = sum(
+        choose_lambda(w[i : i + 100], folds, kept, "affine", mean_bias=False).errors[1e-3] for i in range(0, 600, 100)
+    )
+    assert sketched.errors[1e-3] == pytest.approx(exact, rel=0.3)

@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
         "per consumer on held-out calibration windows, keeping the uncompensated weights where compensation "
         "does not help",
     )
+    comp.add_argument(
+        "--ridge_prior",
+        default="zero",
+        choices=("zero", "pruned"),
+        help="what the ridge penalty pulls the reconstruction towards: zero (the research code's ridge) or plain "
+        "pruning (only the removed units' reconstruction is penalised)",
+    )
     comp.add_argument("--cv_folds", type=int, default=4, help="folds of calibration windows for --ridge_lambda auto")
     comp.add_argument(
         "--comp_nsamples",
@@ -143,6 +150,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         compensate=args.compensate,
         ridge_lambda=args.ridge_lambda,
         cv_folds=args.cv_folds,
+        ridge_prior=args.ridge_prior,
         grail_fit=args.grail_fit,
         bias_compensation=not args.no_bias_compensation,
         attention_unit=args.attention_unit,

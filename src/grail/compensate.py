@@ -8,6 +8,13 @@ count ``N``, kept columns ``P`` (K of them).
 * Affine fit:  ``h ~ B h[P] + c``, the same ridge problem with a constant regressor
   appended (the constant is not penalised). Its intercept turns into a bias.
 
+The penalty ``lam' ||B||^2`` pulls ``B`` towards zero, which also shrinks the kept units'
+own contribution (``B[P] = G[P, P] (G[P, P] + lam' I)^-1`` is not the identity). With
+``prior="pruned"`` the penalty is ``lam' ||B - B0||^2`` instead, ``B0`` being plain pruning
+(identity on the kept units, zero on the removed ones): then ``B[P]`` is exactly the
+identity, only the removed units' reconstruction ``G[R, P] (G[P, P] + lam' I)^-1`` is
+regularised, and ``lam -> inf`` gives plain pruning (with the affine fit: FLAP's mean bias).
+
 The merge into the consumer is ``W' = W B``, ``b' = b + W c``. With ``lam = 0`` the result
 is the least-squares fit of the consumer's *output* on the calibration data.
 ``lam' = lam * mean(diag G[P, P])``, so ``lam`` is relative to the typical feature energy.
@@ -32,33 +39,40 @@ from grail.errors import GrailError
 log = logging.getLogger(__name__)
 
 FITS = ("affine", "linear", "seed")
+PRIORS = ("zero", "pruned")  # what the ridge penalty pulls the reconstruction towards
 # Candidate penalties for --ridge_lambda auto: 0 and the decades 1e-6 ... 1.
 LAMBDA_GRID = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+# Cross-validation scores consumers wider than this on a random sketch of their output rows.
+SKETCH_ROWS = 128
 
 
 class SingularSystemError(GrailError, RuntimeError):
     """The kept units' Gram matrix could not be factored even with jitter."""
 
 
+JITTERS = (0.0, 1e-12, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2)  # relative to the mean diagonal
+
+
 def solve_spd(a: Tensor, rhs: Tensor, where: str = "") -> tuple[Tensor, float]:
     """Solve ``a x = rhs`` for symmetric positive (semi-)definite ``a`` by Cholesky, in float64.
 
-    A singular ``a`` gets the smallest diagonal jitter (1e-12, 1e-11, ... times its mean
+    A singular ``a`` gets the smallest diagonal jitter of :data:`JITTERS` (times its mean
     diagonal) that makes it factor; the jitter used is returned so callers can report it.
     """
     a = a.to(torch.float64)
     rhs = rhs.to(torch.float64)
     scale = a.diagonal().mean().abs().item() or 1.0
     eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
-    jitter = 0.0
-    for exponent in range(-12, 0):
-        chol, info = torch.linalg.cholesky_ex(a + jitter * scale * eye)
+    for jitter in JITTERS:
+        chol, info = torch.linalg.cholesky_ex(a + jitter * scale * eye if jitter else a)
         if int(info) == 0:
             if jitter:
-                log.info("%s: Gram matrix singular, factored with jitter %.0e x mean diagonal", where, jitter)
+                log.debug("%s: Gram matrix singular, factored with jitter %.0e x mean diagonal", where, jitter)
             return torch.cholesky_solve(rhs, chol), jitter
-        jitter = 10.0**exponent
-    raise SingularSystemError(f"{where}: could not factor the kept units' Gram matrix even with jitter 0.1")
+    raise SingularSystemError(
+        f"{where}: could not factor the kept units' Gram matrix even with jitter {JITTERS[-1]:g}; "
+        "the calibration activations are degenerate (check the model and --dtype)."
+    )
 
 
 @dataclass(frozen=True)
@@ -99,27 +113,37 @@ def fit_from_products(
     lam: float,
     affine: bool,
     where: str = "",
+    prior: Tensor | None = None,
 ) -> ConsumerFit:
     """The ridge fit from its sufficient statistics.
 
-    ``gram_pp = G[P, P]``, ``sums_p = s[P]``, ``wg = W G[:, P]`` (O x K), ``ws = W s`` (O).
+    ``gram_pp = G[P, P]``, ``sums_p = s[P]``, ``wg = W G[:, P]`` (O x K), ``ws = W s`` (O);
+    ``prior`` is ``W[:, P]`` when the penalty pulls towards plain pruning (else towards zero).
     """
     k = gram_pp.shape[0]
     eye = torch.eye(k, dtype=gram_pp.dtype, device=gram_pp.device)
+    penalty = _penalty(gram_pp, lam)
+    rhs = wg if prior is None or lam == 0 else wg + penalty * prior
     if not affine:
-        x, jitter = solve_spd(gram_pp + _penalty(gram_pp, lam) * eye, wg.T, where)
+        x, jitter = solve_spd(gram_pp + penalty * eye, rhs.T, where)
         return ConsumerFit(x.T, None, jitter)
     a = torch.empty(k + 1, k + 1, dtype=gram_pp.dtype, device=gram_pp.device)
-    a[:k, :k] = gram_pp + _penalty(gram_pp, lam) * eye
+    a[:k, :k] = gram_pp + penalty * eye
     a[:k, k] = sums_p
     a[k, :k] = sums_p
     a[k, k] = float(count)
-    x, jitter = solve_spd(a, torch.cat([wg, ws.unsqueeze(1)], dim=1).T, where)  # (K+1) x O
+    x, jitter = solve_spd(a, torch.cat([rhs, ws.unsqueeze(1)], dim=1).T, where)  # (K+1) x O
     return ConsumerFit(x[:k].T, x[k], jitter)
 
 
 def fit_consumer(
-    weight: Tensor, moments: Moments, kept: Tensor, lam: float, affine: bool, where: str = ""
+    weight: Tensor,
+    moments: Moments,
+    kept: Tensor,
+    lam: float,
+    affine: bool,
+    where: str = "",
+    prior: str = "zero",
 ) -> ConsumerFit:
     """GRAIL's compensated consumer: ``W' = W B`` (and ``W c`` as bias shift when affine)."""
     w = weight.to(torch.float64)
@@ -127,7 +151,15 @@ def fit_consumer(
     kept = kept.to(w.device)
     sums = moments.sums.to(w)
     return fit_from_products(
-        gram[kept][:, kept], sums[kept], moments.count, w @ gram[:, kept], w @ sums, lam, affine, where
+        gram[kept][:, kept],
+        sums[kept],
+        moments.count,
+        w @ gram[:, kept],
+        w @ sums,
+        lam,
+        affine,
+        where,
+        w[:, kept] if prior == "pruned" else None,
     )
 
 
@@ -183,6 +215,7 @@ def choose_lambda(
     mean_bias: bool,
     grid: tuple[float, ...] = LAMBDA_GRID,
     where: str = "",
+    prior: str = "zero",
 ) -> LambdaChoice:
     """K-fold cross-validation of the ridge penalty from per-fold moments, with solves only.
 
@@ -193,8 +226,17 @@ def choose_lambda(
     :data:`FITS`; ``mean_bias`` adds FLAP's mean bias (from the training folds) to the
     uncompensated consumer and to the ``seed`` fit. The uncompensated consumer is scored
     the same way, for the guard.
+
+    Every quantity above is linear in ``W`` row by row, so a consumer with more than
+    :data:`SKETCH_ROWS` outputs is scored on ``S W`` with a seeded Gaussian ``S``
+    (``E[S^T S] = I``): the errors are then unbiased estimates (the same sketch for every
+    candidate and for the uncompensated consumer), at a fraction of the cost.
     """
     w = weight.to(torch.float64)
+    if w.shape[0] > SKETCH_ROWS:
+        generator = torch.Generator().manual_seed(0)
+        sketch = torch.randn(SKETCH_ROWS, w.shape[0], generator=generator, dtype=torch.float64)
+        w = (sketch.to(w.device) / SKETCH_ROWS**0.5) @ w
     kept = kept.to(w.device)
     stats = []
     for fold in folds:
@@ -221,7 +263,15 @@ def choose_lambda(
         if lam is None:  # the uncompensated consumer
             return ConsumerFit(w_kept, mean_shift(train))
         result = fit_from_products(
-            train["gram_pp"], train["sums_p"], train["count"], train["wg"], train["ws"], lam, fit == "affine", where
+            train["gram_pp"],
+            train["sums_p"],
+            train["count"],
+            train["wg"],
+            train["ws"],
+            lam,
+            fit == "affine",
+            where,
+            w_kept if prior == "pruned" else None,
         )
         if fit == "seed":
             result = ConsumerFit(result.weight, mean_shift(train), result.jitter)

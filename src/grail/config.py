@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from grail.compensate import FITS
+from grail.compensate import FITS, PRIORS
 from grail.data import DATASETS
 from grail.errors import GrailError
 from grail.units import ATTENTION_UNITS
@@ -46,6 +46,7 @@ class PruneConfig:
     compensate: bool = False
     ridge_lambda: float | str = 0.001  # relative to the mean diagonal of the kept Gram; or "auto"
     cv_folds: int = 4  # folds of calibration samples for ridge_lambda="auto"
+    ridge_prior: str = "zero"  # the penalty pulls the reconstruction towards "zero" (seed) or "pruned"
     grail_fit: str = "affine"  # "affine" (with intercept), "linear", or "seed" (linear + mean bias)
     bias_compensation: bool = True  # allow biases on o_proj/down_proj (FLAP's, or the affine intercept)
     attention_unit: str = "group"  # "group" (key/value group) or "query" (bundles of query heads)
@@ -80,6 +81,8 @@ class PruneConfig:
                 f"--ridge_lambda auto holds out whole calibration windows: --comp_nsamples ({self.gram_nsamples}) "
                 f"must be at least --cv_folds ({self.cv_folds})."
             )
+        if self.ridge_prior not in PRIORS:
+            raise ConfigError(f"--ridge_prior must be one of {', '.join(PRIORS)}, got {self.ridge_prior!r}.")
         if self.grail_fit not in FITS:
             raise ConfigError(f"--grail_fit must be one of {', '.join(FITS)}, got {self.grail_fit!r}.")
         if self.attention_unit not in ATTENTION_UNITS:

@@ -16,145 +16,23 @@ A block that loses no unit is left alone and costs no pass.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from grail.calibration import Calibration, capture_layer_inputs, run_layer
 from grail.compensate import add_bias, choose_lambda, fit_consumer, mean_bias_shift
 from grail.config import PruneConfig
 from grail.errors import GrailError
 from grail.methods import BlockContext, Decision, Method, make_method
 from grail.models.arch import ArchSpec, arch_for, layer_shape, linear_param_count
 from grail.stats import InputStats
-from grail.surgery import prune_attention, prune_mlp
+from grail.surgery import prune_attention, prune_mlp, set_consumer
 from grail.timing import Timer
 
 log = logging.getLogger(__name__)
-
-
-class _StopForward(Exception):
-    """Raised by a hook to end a forward pass once it has what it needs."""
-
-
-@dataclass
-class Calibration:
-    """Calibration activations entering the current layer, batch by batch."""
-
-    hidden: list[Tensor]
-    kwargs: list[dict]
-    starts: list[int]  # index of each batch's first calibration sample
-    device: torch.device  # where the layer computes
-
-    @property
-    def n_samples(self) -> int:
-        return self.starts[-1] + self.hidden[-1].shape[0] if self.hidden else 0
-
-    def head(self, n_samples: int) -> Calibration:
-        """The batches holding the first ``n_samples`` samples, as a separate list (same tensors)."""
-        k = sum(1 for start in self.starts if start < n_samples)
-        return Calibration(self.hidden[:k], self.kwargs[:k], self.starts[:k], self.device)
-
-
-def _fits_on_device(device: torch.device, n_bytes: int) -> bool:
-    if device.type != "cuda":
-        return True
-    free, _ = torch.cuda.mem_get_info(device)
-    return n_bytes < 0.25 * free
-
-
-def capture_layer_inputs(model: nn.Module, arch: ArchSpec, windows: Tensor, batch_size: int) -> Calibration:
-    """Run the calibration windows up to the first decoder layer and keep what it receives."""
-    first = arch.decoder_layers(model)[0]
-    device = next(first.parameters()).device
-    hidden_size = model.config.hidden_size
-    dtype = next(first.parameters()).dtype
-    n_bytes = windows.numel() * hidden_size * torch.finfo(dtype).bits // 8
-    storage = device if _fits_on_device(device, n_bytes) else torch.device("cpu")
-    captured: list[tuple[Tensor, dict]] = []
-
-    def hook(module, args, kwargs):
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden.to(storage), kwargs))
-        raise _StopForward
-
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-    starts = list(range(0, windows.shape[0], batch_size))
-    try:
-        with torch.no_grad():
-            for start in starts:
-                with contextlib.suppress(_StopForward):
-                    model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
-    finally:
-        handle.remove()
-    return Calibration([h for h, _ in captured], [kw for _, kw in captured], starts, device)
-
-
-def _output(out) -> Tensor:
-    return out[0] if isinstance(out, tuple) else out
-
-
-Taps = list[tuple[nn.Linear, list[tuple[InputStats, int]]]]
-
-
-def run_layer(
-    layer: nn.Module,
-    calib: Calibration,
-    taps: Taps = (),
-    stop_at: nn.Linear | None = None,
-    update: bool = False,
-) -> None:
-    """Run ``layer`` over the calibration batches.
-
-    ``taps`` accumulate statistics of a linear layer's input; each ``(stats, limit)``
-    target sees the first ``limit`` calibration samples. With ``stop_at`` the pass ends at
-    that linear layer's input (nothing after it is computed, and batches no target needs
-    are skipped); with ``update`` the layer's outputs replace the calibration activations.
-    """
-    current = {"start": 0}
-
-    def make_hook(linear, targets):
-        def hook(module, args):
-            x = args[0]
-            start = current["start"]
-            for stats, limit in targets:
-                k = min(x.shape[0], limit - start)
-                if k <= 0:
-                    continue
-                if stats.n_folds == 1:
-                    stats.update(x[:k])
-                    continue
-                folds = (start + torch.arange(k, device=x.device)) % stats.n_folds  # sample j -> fold j % K
-                for fold in folds.unique().tolist():
-                    stats.update(x[:k][folds == fold], fold=fold)
-            if module is stop_at:
-                raise _StopForward
-
-        return hook
-
-    needed = calib.n_samples
-    if stop_at is not None and not update:
-        needed = max((limit for _, targets in taps for _, limit in targets), default=0)
-    handles = [linear.register_forward_pre_hook(make_hook(linear, targets)) for linear, targets in taps]
-    try:
-        with torch.no_grad():
-            for b, (hidden, kwargs) in enumerate(zip(calib.hidden, calib.kwargs, strict=True)):
-                if calib.starts[b] >= needed:
-                    break
-                current["start"] = calib.starts[b]
-                try:
-                    out = _output(layer(hidden.to(calib.device), **kwargs))
-                except _StopForward:
-                    continue
-                if update:
-                    calib.hidden[b] = out.to(hidden.device)
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @dataclass
@@ -211,8 +89,11 @@ def _consumer_update(
 ) -> tuple[Tensor, Tensor | None, dict]:
     """The consumer's new weight over the kept columns, its bias, and notes for the report."""
     kept_columns = kept_columns.to(weight.device)
-    plain_weight = decision.weight if decision.weight is not None else weight[:, kept_columns]
-    plain_shift = mean_bias_shift(weight, selection.mean, kept_columns) if mean_bias else None
+    mean_shift = mean_bias_shift(weight, selection.mean, kept_columns) if mean_bias else None
+    if decision.weight is not None:  # the method's own update (SlimGPT) is the uncompensated consumer
+        plain_weight, plain_shift = decision.weight, decision.bias_shift
+    else:
+        plain_weight, plain_shift = weight[:, kept_columns], mean_shift
     if not config.compensate:
         return plain_weight, add_bias(bias, plain_shift), {}
     affine = config.grail_fit == "affine" and config.bias_compensation
@@ -220,7 +101,9 @@ def _consumer_update(
     lam = config.ridge_lambda
     if lam == "auto":
         fit_name = "affine" if affine else ("seed" if config.grail_fit == "seed" else "linear")
-        choice = choose_lambda(weight, gram_stats.fold_moments(), kept_columns, fit_name, mean_bias, where=where)
+        choice = choose_lambda(
+            weight, gram_stats.fold_moments(), kept_columns, fit_name, mean_bias, where=where, prior=config.ridge_prior
+        )
         notes = {
             "lambda": choice.lam,
             "heldout_error": choice.heldout_error,
@@ -230,10 +113,12 @@ def _consumer_update(
         if not choice.compensate:  # the guard: keep the uncompensated consumer
             return plain_weight, add_bias(bias, plain_shift), notes
         lam = choice.lam
-    fit = fit_consumer(weight, gram_stats.moments(), kept_columns, lam, affine, where)
+    fit = fit_consumer(weight, gram_stats.moments(), kept_columns, lam, affine, where, config.ridge_prior)
+    if fit.jitter:
+        log.info("%s: kept units' Gram matrix singular; solved with jitter %.0e x its mean diagonal", where, fit.jitter)
     shift = fit.bias_shift
     if config.grail_fit == "seed":
-        shift = add_bias(shift, plain_shift)  # the research code's convention: mean bias on top
+        shift = add_bias(shift, mean_shift)  # the research code's convention: mean bias on top
     notes.update({"lambda": lam, "jitter": fit.jitter})
     return fit.weight, add_bias(bias, shift), notes
 
@@ -306,77 +191,149 @@ def prune_model(
             calib = capture_layer_inputs(model, arch, windows[:needed], config.calib_batch_size)
         report.calibration_windows = needed
 
-    # Methods that allocate across layers score the dense model first (one pass), plan,
-    # and then prune; a second, sequential pass is needed only for the Gram matrices.
-    dense_stats = None
     planned = None
     if method.global_plan:
-        planned = [block_contexts(arch, i, layer, config) for i, layer in enumerate(layers)]
-        if method.uses_activations:
-            with timer.section("calibration"):
-                dense_stats = dense_statistics(arch, layers, calib.head(config.nsamples), config.nsamples, progress)
-            report.layer_passes += len(layers)
-            for (index, kind), stats in dense_stats.items():
-                stats.check_finite(f"layer {index} {arch.consumer_names()[kind]}")
-                planned[index][kind].stats = stats
-        with timer.section("pruning"):
-            method.plan(planned, [_linear_params(arch, layer) for layer in layers])
+        planned = _plan(arch, layers, calib, config, method, timer, report, progress)
         if not config.compensate:
-            calib = None
+            calib = None  # the plan and the scoring pass's means are all that pruning needs
 
-    mean_bias = config.bias_compensation and method.supports_bias_compensation
+    step = _LayerStep(arch, calib, config, method, timer, report)
     desc = f"{method.name} + GRAIL" if config.compensate else method.name
     for index, layer in enumerate(tqdm(layers, desc=desc, disable=not progress)):
         contexts = planned[index] if planned is not None else block_contexts(arch, index, layer, config)
-        n_attn, n_mlp = method.allocate(
-            index, len(layers), contexts["attn"].units(), contexts["mlp"].units(), _linear_params(arch, layer)
-        )
-        contexts["attn"].n_remove, contexts["mlp"].n_remove = n_attn, n_mlp
-        for kind, ctx in contexts.items():
-            if ctx.n_remove == 0:
-                continue
-            where = f"layer {index} {arch.consumer_names()[kind]}"
-            selection, gram_stats = ctx.stats, None
-            if calib is not None:
-                wants_selection = selection is None and (method.uses_activations or mean_bias)
-                with timer.section("calibration"):
-                    collected, gram_stats = _block_stats(
-                        layer, ctx.consumer, calib, config, wants_selection, method.needs_gram
-                    )
-                report.layer_passes += 1
-                for stats in {id(s): s for s in (collected, gram_stats) if s is not None}.values():
-                    stats.check_finite(where)
-                if selection is None:
-                    selection = ctx.stats = collected
-            with timer.section("pruning"):
-                decision = method.decide(ctx)
-                kept_columns = decision.units.kept_columns(decision.kept)
-            with timer.section("compensation" if config.compensate else "pruning"):
-                new_weight, new_bias, notes = _consumer_update(
-                    ctx.consumer.weight.data,
-                    None if ctx.consumer.bias is None else ctx.consumer.bias.data,
-                    kept_columns,
-                    decision,
-                    selection,
-                    gram_stats,
-                    config,
-                    mean_bias,
-                    where,
-                )
-            with timer.section("pruning"):
-                if kind == "attn":
-                    prune_attention(arch, layer, decision.units.kept_heads(decision.kept), new_weight, new_bias)
-                else:
-                    prune_mlp(arch, layer, kept_columns, new_weight, new_bias)
-            report.blocks.append(
-                {"layer": index, "block": kind, "units": decision.units.count, "kept": len(decision.kept), **notes}
-            )
+        step(layer, index, len(layers), contexts)
         if calib is not None and index + 1 < len(layers):
             with timer.section("calibration"):
                 run_layer(layer, calib, update=True)
             report.layer_passes += 1
     report.params_after = linear_param_count(arch, model)
     return report
+
+
+def _plan(arch, layers, calib, config, method, timer, report, progress) -> list[dict[str, BlockContext]]:
+    """Score every layer of the dense model in one pass and let the method plan globally."""
+    planned = [block_contexts(arch, i, layer, config) for i, layer in enumerate(layers)]
+    if method.uses_activations:
+        with timer.section("calibration"):
+            dense = dense_statistics(arch, layers, calib.head(config.nsamples), config.nsamples, progress)
+        report.layer_passes += len(layers)
+        for (index, kind), stats in dense.items():
+            stats.check_finite(f"layer {index} {arch.consumer_names()[kind]}")
+            planned[index][kind].stats = stats
+    with timer.section("pruning"):
+        method.plan(planned, [_linear_params(arch, layer) for layer in layers])
+    return planned
+
+
+@dataclass
+class _Deferred:
+    """A consumer whose compensation waits until the method has finished with the layer."""
+
+    ctx: BlockContext
+    dense_weight: Tensor  # O x H, before pruning
+    kept_columns: Tensor
+    decision: Decision
+    selection: InputStats | None
+    gram_stats: InputStats
+    row: dict  # its line in the report, completed when compensated
+
+
+@dataclass
+class _LayerStep:
+    """Prunes one decoder layer: allocation, then each block's statistics, decision, update, surgery."""
+
+    arch: ArchSpec
+    calib: Calibration | None
+    config: PruneConfig
+    method: Method
+    timer: Timer
+    report: PruneReport
+
+    def __call__(self, layer: nn.Module, index: int, n_layers: int, contexts: dict[str, BlockContext]) -> None:
+        arch, method = self.arch, self.method
+        n_attn, n_mlp = method.allocate(
+            index, n_layers, contexts["attn"].units(), contexts["mlp"].units(), _linear_params(arch, layer)
+        )
+        contexts["attn"].n_remove, contexts["mlp"].n_remove = n_attn, n_mlp
+        dtype = next(layer.parameters()).dtype
+        if method.float32_layers:
+            layer.float()
+        if self.calib is not None:
+            with self.timer.section("pruning"):
+                method.begin_layer(layer, arch, self.calib, index)
+        deferred = [self._block(layer, ctx) for ctx in contexts.values() if ctx.n_remove > 0]
+        if self.calib is not None:
+            with self.timer.section("pruning"):
+                method.finish_layer(layer, arch, self.calib, index)
+        for item in deferred:
+            if item is not None:
+                self._compensate_late(item)
+        layer.to(dtype)
+
+    def _block(self, layer: nn.Module, ctx: BlockContext) -> _Deferred | None:
+        config, timer = self.config, self.timer
+        mean_bias = config.bias_compensation and self.method.supports_bias_compensation
+        where = f"layer {ctx.layer_index} {self.arch.consumer_names()[ctx.kind]}"
+        selection, gram_stats = ctx.stats, None
+        if self.calib is not None:
+            wants_selection = selection is None and (self.method.uses_activations or mean_bias)
+            with timer.section("calibration"):
+                collected, gram_stats = _block_stats(
+                    layer, ctx.consumer, self.calib, config, wants_selection, self.method.needs_gram
+                )
+            self.report.layer_passes += 1
+            for stats in {id(s): s for s in (collected, gram_stats) if s is not None}.values():
+                stats.check_finite(where)
+            if selection is None:
+                selection = ctx.stats = collected
+        with timer.section("pruning"):
+            decision = self.method.decide(ctx)
+            kept_columns = decision.units.kept_columns(decision.kept)
+        dense_weight = ctx.consumer.weight.data.clone()
+        late = config.compensate and self.method.defer_compensation
+        with timer.section("compensation" if config.compensate and not late else "pruning"):
+            new_weight, new_bias, notes = _consumer_update(
+                ctx.consumer.weight.data,
+                None if ctx.consumer.bias is None else ctx.consumer.bias.data,
+                kept_columns,
+                decision,
+                selection,
+                gram_stats,
+                replace(config, compensate=False) if late else config,
+                mean_bias,
+                where,
+            )
+        with timer.section("pruning"):
+            if ctx.kind == "attn":
+                prune_attention(self.arch, layer, decision.units.kept_heads(decision.kept), new_weight, new_bias)
+            else:
+                prune_mlp(self.arch, layer, kept_columns, new_weight, new_bias)
+        row = {"layer": ctx.layer_index, "block": ctx.kind, "units": decision.units.count, "kept": len(decision.kept)}
+        self.report.blocks.append(row | notes)
+        if late:
+            return _Deferred(ctx, dense_weight, kept_columns, decision, selection, gram_stats, self.report.blocks[-1])
+        return None
+
+    def _compensate_late(self, item: _Deferred) -> None:
+        """Compensate a consumer as the method left it: its kept columns now, its removed ones as they were."""
+        consumer = item.ctx.consumer
+        current = item.dense_weight.clone()
+        current[:, item.kept_columns.to(current.device)] = consumer.weight.data
+        mean_bias = self.config.bias_compensation and self.method.supports_bias_compensation
+        with self.timer.section("compensation"):
+            weight, bias, notes = _consumer_update(
+                current,
+                None if consumer.bias is None else consumer.bias.data,
+                item.kept_columns,
+                replace(item.decision, weight=None, bias_shift=None),
+                item.selection,
+                item.gram_stats,
+                self.config,
+                mean_bias,
+                f"layer {item.ctx.layer_index} {self.arch.consumer_names()[item.ctx.kind]}",
+            )
+        set_consumer(consumer, weight, bias)
+        item.row.update(notes)
 
 
 def _block_stats(

@@ -5,9 +5,11 @@ from __future__ import annotations
 from grail.methods.base import BlockContext, Decision, Method
 from grail.methods.flap import FLAP
 from grail.methods.magnitude import MagnitudeSP
+from grail.methods.slimgpt import SlimGPT
 from grail.methods.wanda import WandaSP
+from grail.methods.wanda_pp import WandaPP
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (FLAP, MagnitudeSP, WandaSP)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (FLAP, MagnitudeSP, SlimGPT, WandaSP, WandaPP)}
 
 
 def make_method(config) -> Method:

@@ -40,11 +40,12 @@ class BlockContext:
 
 @dataclass
 class Decision:
-    """Kept units of a block, and optionally the method's own new consumer weight (O x K)."""
+    """Kept units of a block, and optionally the method's own new consumer (weight O x K, bias shift)."""
 
     units: BlockUnits
     kept: Tensor
     weight: Tensor | None = None
+    bias_shift: Tensor | None = None
 
 
 class Method:
@@ -61,6 +62,8 @@ class Method:
     needs_gram: bool = False  # its selection statistics must include the Gram matrix
     supports_bias_compensation: bool = False  # FLAP-style mean bias on the consumer
     global_plan: bool = False
+    float32_layers: bool = False  # process each layer in float32 (restored afterwards)
+    defer_compensation: bool = False  # compensate only after finish_layer
 
     def __init__(self, config: PruneConfig):
         self.config = config
@@ -77,6 +80,12 @@ class Method:
 
     def decide(self, ctx: BlockContext) -> Decision:
         raise NotImplementedError
+
+    def begin_layer(self, layer: nn.Module, arch, calib, index: int) -> None:
+        """Called with the dense layer and its calibration inputs, before any block is pruned."""
+
+    def finish_layer(self, layer: nn.Module, arch, calib, index: int) -> None:
+        """Called after both blocks are pruned, before deferred compensation and the outputs pass."""
 
 
 class ScoreMethod(Method):
