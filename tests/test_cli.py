@@ -10,19 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_model, tiny_tokenizer
 
 import grail
 from grail.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny") / "model"
-    grail.save_pruned(tiny_model("llama", 6, 2), tiny_tokenizer(), folder)
-    return folder
 
 
 def test_tiny_run_writes_results_and_a_checkpoint_that_reloads(tiny_checkpoint, data_dir, tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from grail.config import PruneConfig, RunConfig, available_methods
 from grail.data import DATA_DIR_ENV, DATASETS
@@ -123,7 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval_samples", type=int, default=None, help="evaluate on the first N windows only (default: all)"
     )
     ev.add_argument("--eval_batch_size", type=int, default=16, help="windows per evaluation batch")
-    ev.add_argument("--zero_shot", action="store_true", help="zero-shot task evaluation")
+    ev.add_argument(
+        "--zero_shot",
+        action="store_true",
+        help="0-shot accuracy on boolq, piqa, hellaswag, winogrande, arc_easy, arc_challenge (lm-evaluation-harness)",
+    )
+    ev.add_argument(
+        "--zero_shot_limit", type=int, default=None, help="only the first N examples of each zero-shot task"
+    )
     ev.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     ev.add_argument(
         "--dtype",
@@ -139,9 +147,57 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _floats(value: str) -> list[float]:
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {value!r}") from None
+
+
+def build_sweep_parser() -> argparse.ArgumentParser:
+    """``grail sweep``: the run flags, plus the grid and the output folder."""
+    p = build_parser()
+    p.prog = "grail sweep"
+    p.description = (
+        "Run methods x ratios, without and with compensation, on one model; write sweep.json, table.md and "
+        "ppl.png to --out. Finished runs are kept, so an interrupted sweep resumes."
+    )
+    g = p.add_argument_group("sweep")
+    g.add_argument("--out", required=True, help="output folder (created; reused to resume)")
+    g.add_argument("--methods", default="flap,wanda_sp", help="comma-separated pruning methods")
+    g.add_argument("--ratios", type=_floats, default=[0.1, 0.2, 0.3, 0.5], help="comma-separated pruning ratios")
+    g.add_argument("--variants", default="plain,grail", help="plain (no compensation), grail (compensation), or both")
+    g.add_argument("--lambdas", default="0", help="comma-separated ridge lambdas (numbers or auto) for the GRAIL runs")
+    g.add_argument("--fits", default="affine", help="comma-separated --grail_fit values for the GRAIL runs")
+    return p
+
+
+def sweep_main(argv: list[str]) -> int:
+    from grail.sweep import grid, sweep
+
+    args = build_sweep_parser().parse_args(argv)
+    _set_up_logging(args)
+    try:
+        variants = {v.strip() for v in args.variants.split(",")}
+        if not variants or not variants <= {"plain", "grail"}:
+            raise GrailError(f"--variants takes plain and/or grail, got {args.variants!r}.")
+        runs = grid(
+            args.methods.split(","),
+            args.ratios,
+            tuple(v == "grail" for v in ("plain", "grail") if v in variants),
+            tuple(_ridge_lambda(v) for v in args.lambdas.split(",")),
+            tuple(args.fits.split(",")),
+        )
+        summary = sweep(config_from_args(args), runs, args.out, progress=not args.quiet)
+    except (GrailError, argparse.ArgumentTypeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print((Path(args.out) / "table.md").read_text())
+    print(f"{len(summary['results'])} runs; results in {args.out}/sweep.json, plot in {args.out}/ppl.png")
+    return 0
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    if args.zero_shot:
-        raise GrailError("--zero_shot is not available in this version; use --eval for perplexity.")
     prune = PruneConfig(
         prune_method=args.prune_method,
         pruning_ratio=args.pruning_ratio,
@@ -174,6 +230,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         eval_dataset=args.eval_dataset,
         eval_samples=args.eval_samples,
         eval_batch_size=args.eval_batch_size,
+        zero_shot=args.zero_shot,
+        zero_shot_limit=args.zero_shot_limit,
         device=args.device,
         dtype=args.dtype,
         save_model=args.save_model,
@@ -190,19 +248,30 @@ def _summary(results: dict) -> str:
     ]
     for name, e in results["evaluation"].items():
         lines.append(f"  {name:10s} perplexity {e['ppl']:.4f}  ({e['windows']} windows x {e['seqlen']} tokens)")
+    if "zero_shot" in results:
+        from grail.evaluate.zero_shot import format_table
+
+        lines.append(format_table(results["zero_shot"]))
     t = results["timings"]
     lines.append(f"  prune total {t['prune_total_s']:.1f}s  evaluation {t['evaluation_s']:.1f}s")
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _set_up_logging(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="[grail] %(message)s", stream=sys.stderr)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     if args.quiet:
         hf_logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "sweep":
+        return sweep_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    _set_up_logging(args)
     from grail.pipeline import run
 
     try:

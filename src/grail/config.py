@@ -117,6 +117,8 @@ class RunConfig:
     eval_dataset: list[str] | None = None
     eval_samples: int | None = None
     eval_batch_size: int = 16
+    zero_shot: bool = False
+    zero_shot_limit: int | None = None
     device: str | None = None
     dtype: str = "float32"
     save_model: str | None = None
@@ -130,6 +132,8 @@ class RunConfig:
             raise ConfigError(f"--seqlen must be at least 2, got {self.seqlen}.")
         if self.eval_samples is not None and self.eval_samples < 1:
             raise ConfigError(f"--eval_samples must be at least 1, got {self.eval_samples}.")
+        if self.zero_shot_limit is not None and self.zero_shot_limit < 1:
+            raise ConfigError(f"--zero_shot_limit must be at least 1, got {self.zero_shot_limit}.")
         if self.eval_batch_size < 1:
             raise ConfigError(f"--eval_batch_size must be at least 1, got {self.eval_batch_size}.")
         if self.dtype not in DTYPES:

@@ -164,12 +164,17 @@ def prune_model(
     timer: Timer | None = None,
     method: Method | None = None,
     progress: bool = True,
+    shared: dict | None = None,
 ) -> PruneReport:
     """Prune (and, with ``config.compensate``, compensate) ``model`` in place.
 
     ``windows`` are calibration token windows (``[n, seqlen]`` LongTensor); the first
     ``config.nsamples`` feed the method's statistics and the first ``config.gram_nsamples``
     the compensation's Gram matrices. Methods that read no activations need none.
+
+    ``shared`` is a dictionary kept by the caller across runs on copies of the *same dense
+    model* with the *same windows* (a sweep): the first layer's inputs and the dense
+    scoring pass are computed once and reused from it.
     """
     timer = timer or Timer()
     arch = arch_for(model.config)
@@ -188,12 +193,16 @@ def prune_model(
                 f"{needed} calibration windows are needed (--nsamples / --comp_nsamples) but {have} were given."
             )
         with timer.section("calibration"):
-            calib = capture_layer_inputs(model, arch, windows[:needed], config.calib_batch_size)
+            calib = _shared(
+                shared,
+                ("first layer inputs", needed, config.calib_batch_size),
+                lambda: capture_layer_inputs(model, arch, windows[:needed], config.calib_batch_size),
+            ).head(needed)
         report.calibration_windows = needed
 
     planned = None
     if method.global_plan:
-        planned = _plan(arch, layers, calib, config, method, timer, report, progress)
+        planned = _plan(arch, layers, calib, config, method, timer, report, progress, shared)
         if not config.compensate:
             calib = None  # the plan and the scoring pass's means are all that pruning needs
 
@@ -210,13 +219,28 @@ def prune_model(
     return report
 
 
-def _plan(arch, layers, calib, config, method, timer, report, progress) -> list[dict[str, BlockContext]]:
+def _shared(shared: dict | None, key: tuple, compute):
+    """``compute()``, or its earlier result under ``key`` in the caller's ``shared`` dictionary."""
+    if shared is None:
+        return compute()
+    if key not in shared:
+        shared[key] = compute()
+    return shared[key]
+
+
+def _plan(arch, layers, calib, config, method, timer, report, progress, shared) -> list[dict[str, BlockContext]]:
     """Score every layer of the dense model in one pass and let the method plan globally."""
     planned = [block_contexts(arch, i, layer, config) for i, layer in enumerate(layers)]
     if method.uses_activations:
+        key = ("dense statistics", config.nsamples, config.calib_batch_size)
+        fresh = shared is None or key not in shared
         with timer.section("calibration"):
-            dense = dense_statistics(arch, layers, calib.head(config.nsamples), config.nsamples, progress)
-        report.layer_passes += len(layers)
+            dense = _shared(
+                shared,
+                key,
+                lambda: dense_statistics(arch, layers, calib.head(config.nsamples), config.nsamples, progress),
+            )
+        report.layer_passes += len(layers) if fresh else 0
         for (index, kind), stats in dense.items():
             stats.check_finite(f"layer {index} {arch.consumer_names()[kind]}")
             planned[index][kind].stats = stats

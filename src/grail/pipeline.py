@@ -91,6 +91,10 @@ def run(config: RunConfig, progress: bool = True) -> dict:
     if config.save_model:
         check_save_target(config.save_model)
     root = data.resolve_data_dir(config.data_dir)
+    if config.zero_shot:
+        from grail.evaluate.zero_shot import require_lm_eval
+
+        require_lm_eval()
     method = make_method(prune_cfg)
     needed = prune_cfg.windows_needed(method.uses_activations)
     calib_text = data.load_text(config.dataset, "calibration", root, prune_cfg.seed) if needed else None
@@ -119,6 +123,14 @@ def run(config: RunConfig, progress: bool = True) -> dict:
         for name, source in eval_texts.items():
             evaluations[name] = _perplexity_on(
                 model, tokenizer, name, source, config.seqlen, config.eval_samples, config.eval_batch_size, progress
+            )
+    zero_shot_result = None
+    if config.zero_shot:
+        from grail.evaluate.zero_shot import zero_shot
+
+        with timer.section("zero_shot"):
+            zero_shot_result = zero_shot(
+                model, tokenizer, batch_size=config.eval_batch_size, limit=config.zero_shot_limit, data_dir=root
             )
     if config.save_model:
         with timer.section("save"):
@@ -150,6 +162,8 @@ def run(config: RunConfig, progress: bool = True) -> dict:
         "device": str(device),
         "versions": library_versions(),
     }
+    if zero_shot_result is not None:
+        results["zero_shot"] = zero_shot_result
     if config.output_json:
         path = Path(config.output_json)
         path.parent.mkdir(parents=True, exist_ok=True)

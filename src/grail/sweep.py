@@ -1,10 +1,16 @@
-"""Many pruning runs on one model: methods x ratios x variants, resumable, with a table.
+"""Many pruning runs on one model: methods x ratios x variants, resumable, with a table and a plot.
 
-The model is loaded once and copied for each run; calibration and evaluation windows are
-tokenised once and shared. Each finished run is written to ``<out>/runs/<key>.json`` as
-soon as it ends, so an interrupted sweep resumes where it stopped. At the end
-``<out>/sweep.json`` holds every result and ``<out>/table.md`` a perplexity table shaped
-like the paper's (rows: dataset and method, columns: pruning ratio).
+The model is loaded once and copied for each run. Calibration and evaluation windows are
+tokenised once; the first decoder layer's calibration inputs, and FLAP's scoring pass over
+the dense model, are computed once and shared by every run that can use them. Each
+finished run is written to ``<out>/runs/<key>.json`` as soon as it ends, so an interrupted
+sweep resumes where it stopped. At the end:
+
+* ``<out>/sweep.json``: every result, the dense model's, and the settings;
+* ``<out>/table.md``: perplexity shaped like the paper's table (rows: dataset and method,
+  columns: pruning ratio), plus zero-shot mean accuracy when it was measured;
+* ``<out>/ppl.png``: perplexity against pruning ratio, one colour per method, dashed
+  without compensation and solid with it, log scale.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from pathlib import Path
 from grail import data
 from grail.config import PruneConfig, RunConfig
 from grail.engine import prune_model
+from grail.errors import GrailError
 from grail.evaluate.perplexity import perplexity
 from grail.methods import METHODS
 from grail.models.arch import arch_for, linear_param_count
@@ -33,12 +40,40 @@ def run_key(overrides: dict) -> str:
     return "_".join(f"{k}={overrides[k]}" for k in sorted(overrides)).replace("/", "-")
 
 
+def grid(
+    methods: list[str],
+    ratios: list[float],
+    compensate: tuple[bool, ...] = (False, True),
+    lambdas: tuple[float | str, ...] = (0.0,),
+    fits: tuple[str, ...] = ("affine",),
+) -> list[dict]:
+    """Run overrides for every method and ratio: without compensation, and once per lambda and fit with it."""
+    runs = []
+    for method in methods:
+        for ratio in ratios:
+            if False in compensate:
+                runs.append({"prune_method": method, "pruning_ratio": ratio, "compensate": False})
+            if True in compensate:
+                runs += [
+                    {
+                        "prune_method": method,
+                        "pruning_ratio": ratio,
+                        "compensate": True,
+                        "ridge_lambda": lam,
+                        "grail_fit": fit,
+                    }
+                    for lam in lambdas
+                    for fit in fits
+                ]
+    return runs
+
+
 def run_label(prune: PruneConfig, varied: set[str]) -> str:
     """Row label: the method, '+ GRAIL' when compensating, and any other varied setting."""
     label = prune.prune_method + (" + GRAIL" if prune.compensate else "")
     extras = [f"{k}={getattr(prune, k)}" for k in sorted(varied - {"prune_method", "pruning_ratio", "compensate"})]
-    if prune.compensate is False:
-        extras = [e for e in extras if not e.startswith(("ridge_lambda", "grail_fit", "comp_nsamples"))]
+    if not prune.compensate:
+        extras = [e for e in extras if not e.startswith(("ridge_lambda", "grail_fit", "comp_nsamples", "ridge_prior"))]
     return label + (f" ({', '.join(extras)})" if extras else "")
 
 
@@ -48,13 +83,25 @@ def _write_atomic(path: Path, payload: dict) -> None:
     tmp.replace(path)
 
 
-def sweep(base: RunConfig, runs: list[dict], out_dir: str | Path, progress: bool = True) -> list[dict]:
-    """Run every ``runs`` entry (PruneConfig overrides) on ``base``; returns all results."""
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise GrailError("the sweep's plot needs matplotlib: pip install 'grail[plot]'.") from None
+
+
+def sweep(base: RunConfig, runs: list[dict], out_dir: str | Path, progress: bool = True) -> dict:
+    """Run every ``runs`` entry (PruneConfig overrides) on ``base``; returns the summary."""
+    _require_matplotlib()
     out = Path(out_dir)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     configs = [replace(base.prune, **overrides) for overrides in runs]  # validates every run up front
     root = data.resolve_data_dir(base.data_dir)
     datasets = base.eval_datasets or [base.dataset]
+    if base.zero_shot:
+        from grail.evaluate.zero_shot import require_lm_eval
+
+        require_lm_eval()
     model, tokenizer = load_model(base.model, DTYPES[base.dtype], base.device or default_device())
     arch = arch_for(model.config)
     needed = max(c.windows_needed(METHODS[c.prune_method].uses_activations) for c in configs)
@@ -65,27 +112,39 @@ def sweep(base: RunConfig, runs: list[dict], out_dir: str | Path, progress: bool
     eval_windows = {}
     for name in datasets:
         source = data.load_text(name, "evaluation", root)
-        eval_windows[name] = data.evaluation_windows(
-            data.tokenize(tokenizer, source.text), base.seqlen, name, base.eval_samples
-        )
+        tokens = data.tokenize(tokenizer, source.text)
+        eval_windows[name] = data.evaluation_windows(tokens, base.seqlen, name, base.eval_samples)
+
+    def evaluate(m) -> dict:
+        result = {"ppl": {n: perplexity(m, w, base.eval_batch_size, progress, desc=n) for n, w in eval_windows.items()}}
+        if base.zero_shot:
+            from grail.evaluate.zero_shot import zero_shot
+
+            result["zero_shot"] = zero_shot(
+                m, tokenizer, batch_size=base.eval_batch_size, limit=base.zero_shot_limit, data_dir=root
+            )
+        return result
+
+    dense_path = out / "runs" / "dense.json"
+    if not dense_path.exists():
+        _write_atomic(dense_path, evaluate(model))
+    dense = json.loads(dense_path.read_text())
+    shared: dict = {}  # first-layer inputs and dense scoring passes, reused across runs
     results = []
-    for overrides, prune in zip(runs, configs, strict=True):
+    for number, (overrides, prune) in enumerate(zip(runs, configs, strict=True), start=1):
         path = out / "runs" / f"{run_key(overrides)}.json"
         if path.exists():
             results.append(json.loads(path.read_text()))
-            log.info("sweep: %s already done", path.name)
+            log.info("sweep run %d/%d: %s (done before)", number, len(runs), run_key(overrides))
             continue
-        log.info("sweep: running %s", run_key(overrides))
+        log.info("sweep run %d/%d: %s", number, len(runs), run_key(overrides))
         pruned = copy.deepcopy(model)
         timer = Timer()
-        report = prune_model(pruned, windows, prune, timer, progress=progress)
-        ppl = {
-            name: perplexity(pruned, w, base.eval_batch_size, progress, desc=name) for name, w in eval_windows.items()
-        }
+        report = prune_model(pruned, windows, prune, timer, progress=progress, shared=shared)
         seconds = timer.as_dict()
         result = {
             "overrides": overrides,
-            "ppl": ppl,
+            **evaluate(pruned),
             "params": {
                 "before": report.params_before,
                 "after": linear_param_count(arch, pruned),
@@ -94,60 +153,107 @@ def sweep(base: RunConfig, runs: list[dict], out_dir: str | Path, progress: bool
             "timings": {f"{k}_s": v for k, v in seconds.items()} | {"prune_total_s": round(sum(seconds.values()), 4)},
             "prune": report.as_dict(),
             "config": replace(base, prune=prune).to_dict(),
-            "evaluation_windows": {name: len(w) for name, w in eval_windows.items()},
         }
         _write_atomic(path, result)
         results.append(result)
         del pruned
-    dense_ppl = _dense_ppl(model, eval_windows, base, out, progress)
     summary = {
         "model": base.model,
         "seqlen": base.seqlen,
         "calibration_windows": needed,
         "evaluation_windows": {name: len(w) for name, w in eval_windows.items()},
-        "dense_ppl": dense_ppl,
+        "zero_shot_limit": base.zero_shot_limit if base.zero_shot else None,
+        "dense": dense,
         "results": results,
         "versions": library_versions(),
     }
     _write_atomic(out / "sweep.json", summary)
     (out / "table.md").write_text(markdown_table(summary, runs))
-    return results
+    plot(summary, runs, out / "ppl.png")
+    return summary
 
 
-def _dense_ppl(model, eval_windows, base: RunConfig, out: Path, progress: bool) -> dict:
-    path = out / "runs" / "dense.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    dense = {
-        name: perplexity(model, w, base.eval_batch_size, progress, desc=f"dense {name}")
-        for name, w in eval_windows.items()
-    }
-    _write_atomic(path, dense)
-    return dense
+def _rows(summary: dict, runs: list[dict]) -> dict[tuple[str, str], dict[float, dict]]:
+    """(dataset, label) -> ratio -> result, for every dataset evaluated."""
+    keys = {k for r in runs for k in r}
+    varied = {k for k in keys if len({str(r[k]) for r in runs if k in r}) > 1}
+    rows: dict[tuple[str, str], dict[float, dict]] = {}
+    for result in summary["results"]:
+        prune = PruneConfig(**result["config"]["prune"])
+        for name in result["ppl"]:
+            rows.setdefault((name, run_label(prune, varied)), {})[prune.pruning_ratio] = result
+    return rows
 
 
 def markdown_table(summary: dict, runs: list[dict]) -> str:
-    """Perplexity table: one row per dataset and method variant, one column per ratio."""
-    varied = {k for r in runs for k in r if len({str(x.get(k)) for x in runs}) > 1}
-    rows: dict[tuple[str, str], dict[float, float]] = {}
-    ratios: set[float] = set()
-    for result in summary["results"]:
-        prune = PruneConfig(**result["config"]["prune"])
-        ratios.add(prune.pruning_ratio)
-        for name, value in result["ppl"].items():
-            rows.setdefault((name, run_label(prune, varied)), {})[prune.pruning_ratio] = value
-    columns = sorted(ratios)
+    """Perplexity (and zero-shot mean accuracy) per dataset and method variant, one column per ratio."""
+    rows = _rows(summary, runs)
+    columns = sorted({ratio for values in rows.values() for ratio in values})
     windows = ", ".join(f"{n}: {w} windows" for n, w in summary["evaluation_windows"].items())
+    dense = summary["dense"]
+    head = "| Dataset | Method | " + " | ".join(f"{100 * r:g}%" for r in columns) + " |"
+    rule = "|---|---|" + "---|" * len(columns)
     lines = [
         f"Perplexity of {summary['model']} (sequence length {summary['seqlen']}; {windows}; "
         f"{summary['calibration_windows']} calibration windows). Dense: "
-        + ", ".join(f"{n} {v:.2f}" for n, v in summary["dense_ppl"].items())
+        + ", ".join(f"{n} {v:.2f}" for n, v in dense["ppl"].items())
         + ".",
         "",
-        "| Dataset | Method | " + " | ".join(f"{100 * r:g}%" for r in columns) + " |",
-        "|---|---|" + "---|" * len(columns),
+        head,
+        rule,
     ]
     for (name, label), values in sorted(rows.items()):
-        cells = [f"{values[r]:.2f}" if r in values else "" for r in columns]
+        cells = [f"{values[r]['ppl'][name]:.2f}" if r in values else "" for r in columns]
         lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
+    if "zero_shot" in dense:
+        lines += [
+            "",
+            f"Zero-shot mean accuracy (acc over 6 tasks; first {summary['zero_shot_limit']} examples per task). "
+            f"Dense: {dense['zero_shot']['mean_acc']:.4f}.",
+            "",
+            head.replace("| Dataset ", "| "),
+            rule[4:],
+        ]
+        labels = sorted({label for (_, label) in rows})
+        for label in labels:
+            values = next(v for (n, lab), v in rows.items() if lab == label)
+            cells = [f"{values[r]['zero_shot']['mean_acc']:.4f}" if r in values else "" for r in columns]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, runs: list[dict], path: Path) -> None:
+    """Perplexity against pruning ratio: a colour per method, dashed plain, solid compensated."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _rows(summary, runs)
+    datasets = sorted({name for name, _ in rows})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.5), squeeze=False)
+    methods = sorted({PruneConfig(**r["config"]["prune"]).prune_method for r in summary["results"]})
+    colours = {m: f"C{i}" for i, m in enumerate(methods)}
+    for ax, name in zip(axes[0], datasets, strict=True):
+        for (dataset, label), values in sorted(rows.items()):
+            if dataset != name:
+                continue
+            ratios = sorted(values)
+            prune = PruneConfig(**values[ratios[0]]["config"]["prune"])
+            ax.plot(
+                [100 * r for r in ratios],
+                [values[r]["ppl"][name] for r in ratios],
+                linestyle="-" if prune.compensate else "--",
+                color=colours[prune.prune_method],
+                marker="o",
+                label=label,
+            )
+        ax.axhline(summary["dense"]["ppl"][name], color="grey", linewidth=0.8, label="dense")
+        ax.set_yscale("log")
+        ax.set_xlabel("pruning ratio (%)")
+        ax.set_ylabel(f"{name} perplexity")
+        ax.set_title(f"{summary['model']}: {name}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

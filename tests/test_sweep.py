@@ -1,0 +1,54 @@
+"""The sweep writes its three files and resumes after an interruption without redoing runs."""
+
+from __future__ import annotations
+
+import json
+
+import grail.sweep
+from grail.cli import main
+
+
+def _args(tiny_checkpoint, data_dir, out):
+    return [
+        "sweep", "--model", str(tiny_checkpoint), "--methods", "flap,wanda_sp", "--ratios", "0.2,0.4",
+        "--nsamples", "4", "--seqlen", "32", "--data_dir", str(data_dir), "--eval_samples", "3",
+        "--lambdas", "0", "--device", "cpu", "--out", str(out), "--quiet",
+    ]  # fmt: skip
+
+
+def test_sweep_writes_json_table_and_plot_and_resumes(tiny_checkpoint, data_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "sweep"
+    calls = []
+    real = grail.sweep.prune_model
+
+    def counting(*args, **kwargs):
+        calls.append(args[2].prune_method)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(grail.sweep, "prune_model", counting)
+    assert main(_args(tiny_checkpoint, data_dir, out)) == 0
+    assert len(calls) == 8  # 2 methods x 2 ratios x (plain, GRAIL)
+    summary = json.loads((out / "sweep.json").read_text())
+    assert len(summary["results"]) == 8 and "wikitext2" in summary["dense"]["ppl"]
+    table = (out / "table.md").read_text()
+    assert "| wikitext2 | flap + GRAIL |" in table and "| 20% | 40% |" in table
+    assert (out / "ppl.png").read_bytes().startswith(b"\x89PNG")
+    assert "8 runs" in capsys.readouterr().out
+
+    # an interruption: one run's result and the summary are lost; only that run is redone
+    lost = next((out / "runs").glob("compensate=True*wanda_sp*0.4*"))
+    lost.unlink()
+    (out / "sweep.json").unlink()
+    calls.clear()
+    assert main(_args(tiny_checkpoint, data_dir, out)) == 0
+    assert calls == ["wanda_sp"]
+    assert len(json.loads((out / "sweep.json").read_text())["results"]) == 8
+
+
+def test_sweep_shares_the_dense_scoring_pass(tiny_checkpoint, data_dir, tmp_path):
+    """FLAP's adaptive structure scores the dense model once for all ratios of a sweep."""
+    assert main(_args(tiny_checkpoint, data_dir, tmp_path / "s")) == 0
+    results = json.loads((tmp_path / "s" / "sweep.json").read_text())["results"]
+    flap_plain = [r for r in results if r["overrides"]["prune_method"] == "flap" and not r["overrides"]["compensate"]]
+    passes = [r["prune"]["model_passes"] for r in flap_plain]
+    assert passes == [1.0, 0.0]  # the second ratio reuses the first one's scoring pass

@@ -1,0 +1,85 @@
+"""Zero-shot evaluation: local files become the Hub's rows, the harness builds its own prompts
+from them, a missing harness is a clear error, and the real model runs end to end."""
+
+from __future__ import annotations
+
+import builtins
+import json
+
+import pytest
+
+from grail.cli import main
+from grail.errors import GrailError
+from grail.evaluate import zero_shot as zs
+
+EXPECTED_ROWS = {
+    "boolq": 3270,
+    "piqa": 1838,
+    "hellaswag": 10042,
+    "winogrande": 1267,
+    "arc_easy": 2376,
+    "arc_challenge": 1172,
+}
+
+
+def test_local_files_become_hub_shaped_rows(data_dir):
+    rows = {task: convert(data_dir) for task, convert in zs.CONVERTERS.items()}
+    assert {t: len(r) for t, r in rows.items()} == EXPECTED_ROWS
+    first = rows["boolq"][0]
+    assert set(first) == {"question", "passage", "idx", "label"} and isinstance(first["label"], int)
+    assert " -- " in first["passage"]
+    assert all(isinstance(r["label"], int) and r["label"] in (0, 1) for r in rows["piqa"])
+    assert {r["answer"] for r in rows["winogrande"]} == {"1", "2"}
+    challenge = rows["arc_challenge"][0]
+    assert challenge["id"] == "Mercury_7175875"
+    assert challenge["answerKey"] in challenge["choices"]["label"]
+    assert all(r["answerKey"] in r["choices"]["label"] for r in rows["arc_easy"])
+    hella = rows["hellaswag"][0]
+    assert hella["activity_label"] == "Roof shingle removal" and hella["label"] == "3" and len(hella["endings"]) == 4
+
+
+def test_harness_builds_its_own_prompts_from_the_local_tasks(data_dir, tmp_path):
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    names = zs.write_local_tasks(data_dir, tmp_path)
+    tasks = get_task_dict(list(names.values()), TaskManager(include_path=str(tmp_path), include_defaults=False))
+    boolq = tasks["grail_boolq"]
+    doc = next(iter(boolq.eval_docs))
+    assert boolq.doc_to_text(doc) == f"{doc['passage']}\nQuestion: {doc['question']}?\nAnswer:"
+    assert boolq.doc_to_choice(doc) == ["no", "yes"]
+    arc = tasks["grail_arc_challenge"]
+    doc = next(iter(arc.eval_docs))
+    assert arc.doc_to_text(doc) == f"Question: {doc['question']}\nAnswer:"
+    assert arc.doc_to_target(doc) == doc["choices"]["label"].index(doc["answerKey"])
+    hella = tasks["grail_hellaswag"]
+    assert next(iter(hella.eval_docs))["query"].startswith("Roof shingle removal: A man is sitting on a roof.")
+
+
+def test_missing_harness_names_the_extra(monkeypatch):
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "lm_eval" or name.startswith("lm_eval."):
+            raise ImportError("no lm_eval")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(GrailError, match=r"pip install 'grail\[eval\]'"):
+        zs.require_lm_eval()
+
+
+@pytest.mark.slow
+def test_smollm2_zero_shot_offline_from_the_command_line(smollm2_dir, data_dir, tmp_path):
+    results_file = tmp_path / "r.json"
+    args = [
+        "--model", str(smollm2_dir), "--pruning_ratio", "0", "--zero_shot", "--zero_shot_limit", "10",
+        "--data_dir", str(data_dir), "--eval_batch_size", "8", "--device", "cpu", "--output_json", str(results_file),
+        "--quiet",
+    ]  # fmt: skip
+    assert main(args) == 0
+    result = json.loads(results_file.read_text())["zero_shot"]
+    assert set(result["tasks"]) == set(zs.TASKS)
+    assert result["limit"] == 10 and result["source"] == "offline"
+    for metrics in result["tasks"].values():
+        assert 0.0 <= metrics["acc"] <= 1.0
+    assert 0.0 <= result["mean_acc"] <= 1.0
