@@ -196,7 +196,7 @@ def test_auto_lambda_records_heldout_errors_that_match_stored_activations():
         train = torch.cat([x[j] for j in range(8) if j % 4 != fold])
         s = InputStats(48, gram=True)
         s.update(train)
-        fit = fit_consumer(w, s.moments(), cols, block["lambda"], affine=True)
+        fit = fit_consumer(w, s.moments(), cols, block["lambda"], affine=True, prior="pruned")  # auto's default
         direct["fit"] += (held @ w.T - held[:, cols] @ fit.weight.T - fit.bias_shift).square().sum().item()
         direct["plain"] += (held @ w.T - held[:, cols] @ w[:, cols].T).square().sum().item()
     assert block["heldout_error"] == pytest.approx(direct["fit"], rel=1e-6)

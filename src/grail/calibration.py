@@ -10,13 +10,19 @@ of them, optionally replacing the activations by the layer's outputs.
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from grail.models.arch import ArchSpec
 from grail.stats import InputStats
+
+log = logging.getLogger(__name__)
 
 
 class _StopForward(Exception):
@@ -25,48 +31,95 @@ class _StopForward(Exception):
 
 @dataclass
 class Calibration:
-    """Calibration activations entering the current layer, batch by batch."""
+    """Calibration activations entering the current layer, batch by batch.
+
+    ``ids`` hold the global index of every sample of every batch, in increasing order: a
+    process of a data-parallel run holds only its share of the samples, and statistics
+    that use "the first N samples" or "fold = sample index mod K" must agree across
+    processes. With ``spill_dir`` the activations are memory-mapped files there.
+    """
 
     hidden: list[Tensor]
     kwargs: list[dict]
-    starts: list[int]  # index of each batch's first calibration sample
-    device: torch.device  # where the layer computes
+    ids: list[Tensor]
+    spill_dir: Path | None = None
 
     @property
     def n_samples(self) -> int:
-        return self.starts[-1] + self.hidden[-1].shape[0] if self.hidden else 0
+        return sum(len(i) for i in self.ids)
 
     def head(self, n_samples: int) -> Calibration:
-        """The batches holding the first ``n_samples`` samples, as a separate list (same tensors)."""
-        k = sum(1 for start in self.starts if start < n_samples)
-        return Calibration(self.hidden[:k], self.kwargs[:k], self.starts[:k], self.device)
+        """The batches holding samples below ``n_samples``, as separate lists (in-memory tensors are shared)."""
+        keep = [b for b, ids in enumerate(self.ids) if int(ids[0]) < n_samples]
+        hidden = [self.hidden[b] for b in keep]
+        if self.spill_dir is not None:  # file-backed tensors are updated in place: copy them
+            hidden = [_spill(h, Path(tempfile.mkdtemp(dir=self.spill_dir))) for h in hidden]
+        return Calibration(hidden, [self.kwargs[b] for b in keep], [self.ids[b] for b in keep], self.spill_dir)
 
 
-def _fits_on_device(device: torch.device, n_bytes: int) -> bool:
-    if device.type != "cuda":
-        return True
-    free, _ = torch.cuda.mem_get_info(device)
-    return n_bytes < 0.25 * free
+def _spill(tensor: Tensor, folder: Path) -> Tensor:
+    """A copy of ``tensor`` backed by a memory-mapped file in ``folder``."""
+    path = folder / f"{id(tensor)}.bin"
+    n_bytes = tensor.numel() * tensor.element_size()
+    with open(path, "wb") as f:
+        f.truncate(n_bytes)
+    mapped = torch.from_file(str(path), shared=True, size=tensor.numel(), dtype=tensor.dtype).view(tensor.shape)
+    mapped.copy_(tensor)
+    return mapped
 
 
-def capture_layer_inputs(model: nn.Module, arch: ArchSpec, windows: Tensor, batch_size: int) -> Calibration:
-    """Run the calibration windows up to the first decoder layer and keep what it receives."""
-    first = arch.decoder_layers(model)[0]
-    device = next(first.parameters()).device
-    hidden_size = model.config.hidden_size
-    dtype = next(first.parameters()).dtype
-    n_bytes = windows.numel() * hidden_size * torch.finfo(dtype).bits // 8
-    storage = device if _fits_on_device(device, n_bytes) else torch.device("cpu")
+def available_ram() -> int:
+    """Bytes of memory available to this process now (0 when the system does not say)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _storage_for(device: torch.device, n_bytes: int) -> str:
+    """Where calibration activations of ``n_bytes`` live: the compute device, RAM, or disk."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if n_bytes < 0.25 * free:
+            return "device"
+    ram = available_ram()
+    return "ram" if ram == 0 or n_bytes < 0.5 * ram else "disk"
+
+
+def capture_layer_inputs(
+    model: nn.Module,
+    arch: ArchSpec,
+    windows: Tensor,
+    batch_size: int,
+    ids: Tensor | None = None,
+    spill_dir: Path | None = None,
+) -> Calibration:
+    """Run the calibration windows up to the first decoder layer and keep what it receives.
+
+    ``ids`` are the windows' global sample indices (default ``0..n-1``). Activations stay on
+    the compute device when they fit, else in RAM, else in memory-mapped files under
+    ``spill_dir`` (a temporary folder when not given).
+    """
+    device = model.get_input_embeddings().weight.device
+    ids = torch.arange(windows.shape[0]) if ids is None else ids
+    dtype = model.get_input_embeddings().weight.dtype
+    n_bytes = windows.numel() * model.config.hidden_size * torch.finfo(dtype).bits // 8
+    where = _storage_for(device, n_bytes) if spill_dir is None else "disk"
+    if where == "disk":
+        spill_dir = Path(spill_dir or tempfile.mkdtemp(prefix="grail-activations-"))
+        log.info("calibration activations (%.1f GiB) spill to memory-mapped files in %s", n_bytes / 2**30, spill_dir)
     captured: list[tuple[Tensor, dict]] = []
 
     def hook(module, args, kwargs):
         kwargs = dict(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden.to(storage), kwargs))
+        if where == "disk":
+            hidden = _spill(hidden.cpu(), spill_dir)
+        captured.append((hidden if where == "device" else hidden.cpu(), kwargs))
         raise _StopForward
 
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-    starts = list(range(0, windows.shape[0], batch_size))
+    handle = arch.decoder_layers(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
+    starts = range(0, windows.shape[0], batch_size)
     try:
         with torch.no_grad():
             for start in starts:
@@ -74,7 +127,10 @@ def capture_layer_inputs(model: nn.Module, arch: ArchSpec, windows: Tensor, batc
                     model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
     finally:
         handle.remove()
-    return Calibration([h for h, _ in captured], [kw for _, kw in captured], starts, device)
+    batch_ids = [ids[start : start + batch_size] for start in starts]
+    return Calibration(
+        [h for h, _ in captured], [kw for _, kw in captured], batch_ids, spill_dir if where == "disk" else None
+    )
 
 
 def layer_output(out) -> Tensor:
@@ -82,13 +138,18 @@ def layer_output(out) -> Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def layer_inputs(layer: nn.Module, hidden: Tensor, kwargs: dict, device: torch.device) -> tuple[Tensor, dict]:
-    """Activations and keyword arguments on the layer's device and in its floating dtype."""
-    dtype = next(layer.parameters()).dtype
+def layer_device(layer: nn.Module) -> torch.device:
+    return next(layer.parameters()).device
+
+
+def layer_inputs(layer: nn.Module, hidden: Tensor, kwargs: dict) -> tuple[Tensor, dict]:
+    """Activations and keyword arguments on the layer's device, floats in its dtype."""
+    param = next(layer.parameters())
+    device, dtype = param.device, param.dtype
 
     def cast(value):
-        if isinstance(value, Tensor) and value.is_floating_point() and value.dtype != dtype:
-            return value.to(dtype)
+        if isinstance(value, Tensor):
+            return value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
         if isinstance(value, tuple):
             return tuple(cast(v) for v in value)
         return value
@@ -110,12 +171,12 @@ def _sample_kwargs(kwargs: dict, j: int, batch: int) -> dict:
 
 
 def iter_samples(layer: nn.Module, calib: Calibration, n_samples: int):
-    """``(hidden [1, T, d], kwargs)`` for each of the first ``n_samples`` calibration samples."""
-    for hidden, kwargs, start in zip(calib.hidden, calib.kwargs, calib.starts, strict=True):
+    """``(hidden [1, T, d], kwargs)`` for each held calibration sample with a global index below ``n_samples``."""
+    for hidden, kwargs, ids in zip(calib.hidden, calib.kwargs, calib.ids, strict=True):
         for j in range(hidden.shape[0]):
-            if start + j >= n_samples:
+            if int(ids[j]) >= n_samples:
                 return
-            yield layer_inputs(layer, hidden[j : j + 1], _sample_kwargs(kwargs, j, hidden.shape[0]), calib.device)
+            yield layer_inputs(layer, hidden[j : j + 1], _sample_kwargs(kwargs, j, hidden.shape[0]))
 
 
 Taps = list[tuple[nn.Linear, list[tuple[InputStats, int]]]]
@@ -128,51 +189,55 @@ def run_layer(
     stop_at: nn.Linear | None = None,
     update: bool = False,
 ) -> None:
-    """Run ``layer`` over the calibration batches.
+    """Run ``layer`` over the calibration batches, on the layer's own device.
 
     ``taps`` accumulate statistics of a linear layer's input; each ``(stats, limit)``
-    target sees the first ``limit`` calibration samples. With ``stop_at`` the pass ends at
-    that linear layer's input (nothing after it is computed, and batches no target needs
-    are skipped); with ``update`` the layer's outputs replace the calibration activations.
+    target sees the samples whose global index is below ``limit``. With ``stop_at`` the
+    pass ends at that linear layer's input (nothing after it is computed, and batches no
+    target needs are skipped); with ``update`` the layer's outputs replace the calibration
+    activations.
     """
-    current = {"start": 0}
+    current: dict = {}
 
-    def make_hook(linear, targets):
+    def make_hook(targets):
         def hook(module, args):
-            x = args[0]
-            start = current["start"]
+            x, ids = args[0], current["ids"]
             for stats, limit in targets:
-                k = min(x.shape[0], limit - start)
-                if k <= 0:
+                k = int((ids < limit).sum())  # ids increase within a batch
+                if k == 0:
                     continue
                 if stats.n_folds == 1:
                     stats.update(x[:k])
                     continue
-                folds = (start + torch.arange(k, device=x.device)) % stats.n_folds  # sample j -> fold j % K
+                folds = ids[:k] % stats.n_folds  # sample i -> fold i % K
                 for fold in folds.unique().tolist():
-                    stats.update(x[:k][folds == fold], fold=fold)
+                    stats.update(x[:k][(folds == fold).to(x.device)], fold=fold)
             if module is stop_at:
                 raise _StopForward
 
         return hook
 
-    needed = calib.n_samples
+    needed = None
     if stop_at is not None and not update:
         needed = max((limit for _, targets in taps for _, limit in targets), default=0)
-    handles = [linear.register_forward_pre_hook(make_hook(linear, targets)) for linear, targets in taps]
+    handles = [linear.register_forward_pre_hook(make_hook(targets)) for linear, targets in taps]
     try:
         with torch.no_grad():
             for b, (hidden, kwargs) in enumerate(zip(calib.hidden, calib.kwargs, strict=True)):
-                if calib.starts[b] >= needed:
+                current["ids"] = calib.ids[b]
+                if needed is not None and int(calib.ids[b][0]) >= needed:
                     break
-                current["start"] = calib.starts[b]
-                x, kw = layer_inputs(layer, hidden, kwargs, calib.device)
+                x, kw = layer_inputs(layer, hidden, kwargs)
                 try:
                     out = layer_output(layer(x, **kw))
                 except _StopForward:
                     continue
                 if update:
-                    calib.hidden[b] = out.to(device=hidden.device, dtype=hidden.dtype)
+                    out = out.to(device=hidden.device, dtype=hidden.dtype)
+                    if calib.spill_dir is not None:
+                        hidden.copy_(out)  # write through to the memory-mapped file
+                    else:
+                        calib.hidden[b] = out
     finally:
         for handle in handles:
             handle.remove()

@@ -76,10 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     comp.add_argument(
         "--ridge_prior",
-        default="zero",
+        default=None,
         choices=("zero", "pruned"),
         help="what the ridge penalty pulls the reconstruction towards: zero (the research code's ridge) or plain "
-        "pruning (only the removed units' reconstruction is penalised)",
+        "pruning (only the removed units' reconstruction is penalised); default: pruned with --ridge_lambda auto, "
+        "zero with a fixed lambda",
     )
     comp.add_argument("--cv_folds", type=int, default=4, help="folds of calibration windows for --ridge_lambda auto")
     comp.add_argument(

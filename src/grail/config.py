@@ -46,7 +46,9 @@ class PruneConfig:
     compensate: bool = False
     ridge_lambda: float | str = 0.001  # relative to the mean diagonal of the kept Gram; or "auto"
     cv_folds: int = 4  # folds of calibration samples for ridge_lambda="auto"
-    ridge_prior: str = "zero"  # the penalty pulls the reconstruction towards "zero" (seed) or "pruned"
+    # What the penalty pulls the reconstruction towards: "zero" (the research code's ridge) or
+    # "pruned" (plain pruning); None: "pruned" with ridge_lambda="auto", else "zero".
+    ridge_prior: str | None = None
     grail_fit: str = "affine"  # "affine" (with intercept), "linear", or "seed" (linear + mean bias)
     bias_compensation: bool = True  # allow biases on o_proj/down_proj (FLAP's, or the affine intercept)
     attention_unit: str = "group"  # "group" (key/value group) or "query" (bundles of query heads)
@@ -81,7 +83,7 @@ class PruneConfig:
                 f"--ridge_lambda auto holds out whole calibration windows: --comp_nsamples ({self.gram_nsamples}) "
                 f"must be at least --cv_folds ({self.cv_folds})."
             )
-        if self.ridge_prior not in PRIORS:
+        if self.ridge_prior is not None and self.ridge_prior not in PRIORS:
             raise ConfigError(f"--ridge_prior must be one of {', '.join(PRIORS)}, got {self.ridge_prior!r}.")
         if self.grail_fit not in FITS:
             raise ConfigError(f"--grail_fit must be one of {', '.join(FITS)}, got {self.grail_fit!r}.")
@@ -91,6 +93,13 @@ class PruneConfig:
             )
         if self.calib_batch_size < 1:
             raise ConfigError(f"--calib_batch_size must be at least 1, got {self.calib_batch_size}.")
+
+    @property
+    def prior(self) -> str:
+        """The ridge prior in effect."""
+        if self.ridge_prior is not None:
+            return self.ridge_prior
+        return "pruned" if self.ridge_lambda == "auto" else "zero"
 
     @property
     def gram_nsamples(self) -> int:

@@ -102,7 +102,7 @@ def _consumer_update(
     if lam == "auto":
         fit_name = "affine" if affine else ("seed" if config.grail_fit == "seed" else "linear")
         choice = choose_lambda(
-            weight, gram_stats.fold_moments(), kept_columns, fit_name, mean_bias, where=where, prior=config.ridge_prior
+            weight, gram_stats.fold_moments(), kept_columns, fit_name, mean_bias, where=where, prior=config.prior
         )
         notes = {
             "lambda": choice.lam,
@@ -113,7 +113,7 @@ def _consumer_update(
         if not choice.compensate:  # the guard: keep the uncompensated consumer
             return plain_weight, add_bias(bias, plain_shift), notes
         lam = choice.lam
-    fit = fit_consumer(weight, gram_stats.moments(), kept_columns, lam, affine, where, config.ridge_prior)
+    fit = fit_consumer(weight, gram_stats.moments(), kept_columns, lam, affine, where, config.prior)
     if fit.jitter:
         log.info("%s: kept units' Gram matrix singular; solved with jitter %.0e x its mean diagonal", where, fit.jitter)
     shift = fit.bias_shift
@@ -150,8 +150,8 @@ def dense_statistics(
     stats = {}
     for index, layer in enumerate(tqdm(layers, desc="scoring pass", disable=not progress)):
         o, down = arch.attention_linears(layer)[3], arch.mlp_linears(layer)[2]
-        stats[(index, "attn")] = InputStats(o.in_features, gram=False, device=calib.device)
-        stats[(index, "mlp")] = InputStats(down.in_features, gram=False, device=calib.device)
+        stats[(index, "attn")] = InputStats(o.in_features, gram=False, device=o.weight.device)
+        stats[(index, "mlp")] = InputStats(down.in_features, gram=False, device=down.weight.device)
         taps = [(o, [(stats[(index, "attn")], n_samples)]), (down, [(stats[(index, "mlp")], n_samples)])]
         run_layer(layer, calib, taps, update=True)
     return stats
@@ -375,7 +375,7 @@ def _block_stats(
     ``comp_nsamples`` windows, or None without compensation). When both cover the same
     windows they are one object.
     """
-    device, dim = calib.device, consumer.in_features
+    device, dim = consumer.weight.device, consumer.in_features
     wants_gram = config.compensate
     folds = config.cv_folds if config.ridge_lambda == "auto" else 1
     if wants_gram and (not wants_selection or config.gram_nsamples == config.nsamples):
