@@ -59,10 +59,11 @@ class Calibration:
 
 def _spill(tensor: Tensor, folder: Path) -> Tensor:
     """A copy of ``tensor`` backed by a memory-mapped file in ``folder``."""
-    path = folder / f"{id(tensor)}.bin"
-    n_bytes = tensor.numel() * tensor.element_size()
-    with open(path, "wb") as f:
-        f.truncate(n_bytes)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(dir=folder, suffix=".bin")
+    with os.fdopen(handle, "wb") as f:
+        f.truncate(tensor.numel() * tensor.element_size())
+    path = Path(name)
     mapped = torch.from_file(str(path), shared=True, size=tensor.numel(), dtype=tensor.dtype).view(tensor.shape)
     mapped.copy_(tensor)
     return mapped
@@ -171,12 +172,12 @@ def _sample_kwargs(kwargs: dict, j: int, batch: int) -> dict:
 
 
 def iter_samples(layer: nn.Module, calib: Calibration, n_samples: int):
-    """``(hidden [1, T, d], kwargs)`` for each held calibration sample with a global index below ``n_samples``."""
+    """``(sample id, hidden [1, T, d], kwargs)`` for each held sample with a global index below ``n_samples``."""
     for hidden, kwargs, ids in zip(calib.hidden, calib.kwargs, calib.ids, strict=True):
         for j in range(hidden.shape[0]):
             if int(ids[j]) >= n_samples:
                 return
-            yield layer_inputs(layer, hidden[j : j + 1], _sample_kwargs(kwargs, j, hidden.shape[0]))
+            yield (int(ids[j]), *layer_inputs(layer, hidden[j : j + 1], _sample_kwargs(kwargs, j, hidden.shape[0])))
 
 
 Taps = list[tuple[nn.Linear, list[tuple[InputStats, int]]]]

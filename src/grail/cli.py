@@ -133,7 +133,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--zero_shot_limit", type=int, default=None, help="only the first N examples of each zero-shot task"
     )
-    ev.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    ev.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:N, or auto (accelerate spreads the layers over all GPUs); default: cuda when available",
+    )
+    ev.add_argument(
+        "--offload",
+        action="store_true",
+        help="stream decoder layers from the checkpoint's safetensors one at a time and write the pruned ones straight "
+        "into --save_model (automatic when the model does not fit in memory)",
+    )
+    ev.add_argument(
+        "--offload_activations",
+        default=None,
+        help="keep calibration activations in memory-mapped files in this folder (automatic, in a temporary folder, "
+        "when they do not fit in memory)",
+    )
     ev.add_argument(
         "--dtype",
         default="float32",
@@ -212,6 +228,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         bias_compensation=not args.no_bias_compensation,
         attention_unit=args.attention_unit,
         calib_batch_size=args.calib_batch_size,
+        offload_activations=args.offload_activations,
         seed=args.seed,
         metrics=args.metrics,
         structure=args.structure,
@@ -237,6 +254,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         dtype=args.dtype,
         save_model=args.save_model,
         output_json=args.output_json,
+        offload=args.offload,
     )
 
 

@@ -53,6 +53,9 @@ class PruneConfig:
     bias_compensation: bool = True  # allow biases on o_proj/down_proj (FLAP's, or the affine intercept)
     attention_unit: str = "group"  # "group" (key/value group) or "query" (bundles of query heads)
     calib_batch_size: int = 8
+    # Folder for memory-mapped calibration activations (forces spilling; by default they
+    # spill to a temporary folder only when they do not fit in memory).
+    offload_activations: str | None = None
     seed: int = 0
     # FLAP
     metrics: str = "WIFV"
@@ -132,6 +135,7 @@ class RunConfig:
     dtype: str = "float32"
     save_model: str | None = None
     output_json: str | None = None
+    offload: bool = False  # stream decoder layers from disk (automatic when the model does not fit)
 
     def __post_init__(self) -> None:
         for name in [self.dataset, *(self.eval_dataset or [])]:

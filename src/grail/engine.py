@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from grail import distributed
 from grail.calibration import Calibration, capture_layer_inputs, run_layer
 from grail.compensate import add_bias, choose_lambda, fit_consumer, mean_bias_shift
 from grail.config import PruneConfig
@@ -139,21 +140,48 @@ def _linear_params(arch: ArchSpec, layer: nn.Module) -> int:
     return sum(lin.weight.numel() + (lin.bias.numel() if lin.bias is not None else 0) for lin in linears)
 
 
+class InMemoryLayers:
+    """Decoder layers that are already where they compute: nothing to load or release."""
+
+    def load(self, index: int, layer: nn.Module) -> None:
+        pass
+
+    def release(self, index: int, layer: nn.Module, write: bool) -> None:
+        pass
+
+
 def dense_statistics(
-    arch: ArchSpec, layers: nn.ModuleList, calib: Calibration, n_samples: int, progress: bool
+    arch: ArchSpec,
+    layers: nn.ModuleList,
+    calib: Calibration,
+    n_samples: int,
+    source,
+    observe=None,
+    progress: bool = True,
 ) -> dict[tuple[int, str], InputStats]:
     """One pass through the dense model: every consumer's input statistics, no pruning.
 
     The activations of ``calib`` are advanced through all layers; pass a :meth:`head`
-    view to keep the first layer's inputs for a later pass.
+    view to keep the first layer's inputs for a later pass. ``observe(index, stats)`` is
+    called while each layer is still loaded.
     """
     stats = {}
     for index, layer in enumerate(tqdm(layers, desc="scoring pass", disable=not progress)):
+        source.load(index, layer)
         o, down = arch.attention_linears(layer)[3], arch.mlp_linears(layer)[2]
-        stats[(index, "attn")] = InputStats(o.in_features, gram=False, device=o.weight.device)
-        stats[(index, "mlp")] = InputStats(down.in_features, gram=False, device=down.weight.device)
-        taps = [(o, [(stats[(index, "attn")], n_samples)]), (down, [(stats[(index, "mlp")], n_samples)])]
+        layer_stats = {
+            "attn": InputStats(o.in_features, gram=False, device=o.weight.device),
+            "mlp": InputStats(down.in_features, gram=False, device=down.weight.device),
+        }
+        taps = [(o, [(layer_stats["attn"], n_samples)]), (down, [(layer_stats["mlp"], n_samples)])]
         run_layer(layer, calib, taps, update=True)
+        for kind, s in layer_stats.items():
+            s.all_reduce()
+            s.check_finite(f"layer {index} {arch.consumer_names()[kind]}")
+            stats[(index, kind)] = s
+        if observe is not None:
+            observe(index, layer_stats)
+        source.release(index, layer, write=False)
     return stats
 
 
@@ -165,6 +193,7 @@ def prune_model(
     method: Method | None = None,
     progress: bool = True,
     shared: dict | None = None,
+    source=None,
 ) -> PruneReport:
     """Prune (and, with ``config.compensate``, compensate) ``model`` in place.
 
@@ -175,8 +204,13 @@ def prune_model(
     ``shared`` is a dictionary kept by the caller across runs on copies of the *same dense
     model* with the *same windows* (a sweep): the first layer's inputs and the dense
     scoring pass are computed once and reused from it.
+
+    ``source`` loads each decoder layer before it is processed and releases it after
+    (:class:`grail.streaming.LayerStreamer` streams them from disk); by default the layers
+    are in memory already.
     """
     timer = timer or Timer()
+    source = source or InMemoryLayers()
     arch = arch_for(model.config)
     method = method or make_method(config)
     layers = arch.decoder_layers(model)
@@ -192,29 +226,34 @@ def prune_model(
             raise GrailError(
                 f"{needed} calibration windows are needed (--nsamples / --comp_nsamples) but {have} were given."
             )
+        ids = distributed.shard(needed)  # all windows in one process; a share of them under torchrun
         with timer.section("calibration"):
             calib = _shared(
                 shared,
                 ("first layer inputs", needed, config.calib_batch_size),
-                lambda: capture_layer_inputs(model, arch, windows[:needed], config.calib_batch_size),
+                lambda: capture_layer_inputs(
+                    model, arch, windows[ids], config.calib_batch_size, ids, config.offload_activations
+                ),
             ).head(needed)
         report.calibration_windows = needed
 
     planned = None
     if method.global_plan:
-        planned = _plan(arch, layers, calib, config, method, timer, report, progress, shared)
+        planned = _plan(arch, layers, calib, config, method, timer, report, progress, shared, source)
         if not config.compensate:
             calib = None  # the plan and the scoring pass's means are all that pruning needs
 
     step = _LayerStep(arch, calib, config, method, timer, report)
     desc = f"{method.name} + GRAIL" if config.compensate else method.name
     for index, layer in enumerate(tqdm(layers, desc=desc, disable=not progress)):
+        source.load(index, layer)
         contexts = planned[index] if planned is not None else block_contexts(arch, index, layer, config)
         step(layer, index, len(layers), contexts)
         if calib is not None and index + 1 < len(layers):
             with timer.section("calibration"):
                 run_layer(layer, calib, update=True)
             report.layer_passes += 1
+        source.release(index, layer, write=True)
     report.params_after = linear_param_count(arch, model)
     return report
 
@@ -228,9 +267,17 @@ def _shared(shared: dict | None, key: tuple, compute):
     return shared[key]
 
 
-def _plan(arch, layers, calib, config, method, timer, report, progress, shared) -> list[dict[str, BlockContext]]:
+def _plan(
+    arch, layers, calib, config, method, timer, report, progress, shared, source
+) -> list[dict[str, BlockContext]]:
     """Score every layer of the dense model in one pass and let the method plan globally."""
     planned = [block_contexts(arch, i, layer, config) for i, layer in enumerate(layers)]
+
+    def observe(index: int, layer_stats: dict) -> None:  # while the layer's weights are loaded
+        for kind, stats in layer_stats.items():
+            planned[index][kind].stats = stats
+            method.observe(planned[index][kind])
+
     if method.uses_activations:
         key = ("dense statistics", config.nsamples, config.calib_batch_size)
         fresh = shared is None or key not in shared
@@ -238,11 +285,12 @@ def _plan(arch, layers, calib, config, method, timer, report, progress, shared) 
             dense = _shared(
                 shared,
                 key,
-                lambda: dense_statistics(arch, layers, calib.head(config.nsamples), config.nsamples, progress),
+                lambda: dense_statistics(
+                    arch, layers, calib.head(config.nsamples), config.nsamples, source, observe, progress
+                ),
             )
         report.layer_passes += len(layers) if fresh else 0
         for (index, kind), stats in dense.items():
-            stats.check_finite(f"layer {index} {arch.consumer_names()[kind]}")
             planned[index][kind].stats = stats
     with timer.section("pruning"):
         method.plan(planned, [_linear_params(arch, layer) for layer in layers])
@@ -307,6 +355,7 @@ class _LayerStep:
                 )
             self.report.layer_passes += 1
             for stats in {id(s): s for s in (collected, gram_stats) if s is not None}.values():
+                stats.all_reduce()  # data-parallel runs: sum over processes
                 stats.check_finite(where)
             if selection is None:
                 selection = ctx.stats = collected

@@ -114,12 +114,12 @@ class InputStats:
             )
 
     def all_reduce(self) -> None:
-        """Sum the statistics over all processes of an initialised ``torch.distributed`` group."""
-        import torch.distributed as dist
+        """Sum the statistics over the processes of a data-parallel run (no-op in a single process)."""
+        from grail import distributed
 
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if distributed.world_size() == 1:
             return
         counts = torch.tensor(self.fold_counts, dtype=torch.float64, device=self.sq_sum.device)
         for t in (counts, *self.fold_sums, self.sq_sum, *(self.fold_grams or [])):
-            dist.all_reduce(t)
+            distributed.all_reduce_sum(t)
         self.fold_counts = [int(c) for c in counts.tolist()]

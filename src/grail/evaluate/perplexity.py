@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from grail import distributed
+
 
 @torch.no_grad()
 def window_nll(model: nn.Module, windows: Tensor, batch_size: int = 1, progress: bool = True, desc: str = "") -> Tensor:
@@ -32,7 +34,11 @@ def window_nll(model: nn.Module, windows: Tensor, batch_size: int = 1, progress:
 
 
 def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 1, progress: bool = True, desc: str = "") -> float:
-    """``exp(mean NLL)`` over all predicted tokens of all ``windows`` ([n, seqlen])."""
-    nll = window_nll(model, windows, batch_size, progress, desc)
-    tokens = windows.shape[0] * (windows.shape[1] - 1)
-    return math.exp(nll.sum().item() / tokens)
+    """``exp(mean NLL)`` over all predicted tokens of all ``windows`` ([n, seqlen]).
+
+    In a data-parallel run each process scores its share of the windows and the sums are
+    added up.
+    """
+    nll = window_nll(model, windows[distributed.shard(len(windows))], batch_size, progress, desc)
+    total = distributed.all_reduce_sum(nll.sum().reshape(1).to(torch.float64)).item()
+    return math.exp(total / (windows.shape[0] * (windows.shape[1] - 1)))

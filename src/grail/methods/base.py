@@ -74,6 +74,9 @@ class Method:
         """Units to remove from the layer's (attention, MLP) blocks."""
         return uniform_allocation(self.config.pruning_ratio, attention, mlp, layer_params)
 
+    def observe(self, ctx: BlockContext) -> None:
+        """Called during the dense scoring pass (``global_plan`` methods), while the layer is loaded."""
+
     def plan(self, blocks: list[dict[str, BlockContext]], layer_params: list[int]) -> None:
         """Decide every layer's allocation at once (``global_plan`` methods only)."""
         raise NotImplementedError

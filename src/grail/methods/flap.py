@@ -81,9 +81,16 @@ class FLAP(Method):
         self.structure = config.structure
         self.global_plan = config.structure.startswith("AL")
         self._plan: dict[tuple[int, str], Decision] = {}
+        self._dense_scores: dict[tuple[int, str], Tensor] = {}
 
     def _scores(self, ctx: BlockContext) -> Tensor:
+        key = (ctx.layer_index, ctx.kind)
+        if key in self._dense_scores:  # scored during the dense pass (the layer may be released since)
+            return self._dense_scores[key]
         return flap_column_scores(self.metric, ctx.consumer.weight, ctx.stats, ctx.kind).cpu()
+
+    def observe(self, ctx: BlockContext) -> None:
+        self._dense_scores[(ctx.layer_index, ctx.kind)] = self._scores(ctx)
 
     def allocate(
         self, layer_index: int, n_layers: int, attention: BlockUnits, mlp: BlockUnits, layer_params: int

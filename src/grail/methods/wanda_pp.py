@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from grail import distributed
 from grail.calibration import iter_samples, layer_output
 from grail.methods.base import BlockContext, ScoreMethod
 
@@ -31,14 +32,18 @@ RO_SAMPLES = 32  # calibration samples used for the regional optimisation
 
 
 def regional_gradients(layer: nn.Module, linears: list[nn.Linear], samples) -> list[Tensor]:
-    """``sqrt(mean_n (dL_n/dW)^2)`` for each linear weight, ``L_n = ||layer(x_n)|| / sqrt(numel)``."""
+    """``sqrt(mean_n (dL_n/dW)^2)`` for each linear weight, ``L_n = ||layer(x_n)|| / sqrt(numel)``.
+
+    ``samples`` yields ``(sample id, hidden, kwargs)``; in a data-parallel run the squares
+    and the count are summed over processes.
+    """
     squares = [torch.zeros_like(lin.weight, dtype=torch.float64) for lin in linears]
     count = 0
     with torch.enable_grad():
         for lin in linears:
             lin.weight.requires_grad_(True)
         try:
-            for hidden, kwargs in samples:
+            for _, hidden, kwargs in samples:
                 out = layer_output(layer(hidden, **kwargs)).float()
                 loss = out.norm() / out.numel() ** 0.5
                 grads = torch.autograd.grad(loss, [lin.weight for lin in linears])
@@ -48,7 +53,10 @@ def regional_gradients(layer: nn.Module, linears: list[nn.Linear], samples) -> l
         finally:
             for lin in linears:
                 lin.weight.requires_grad_(False)
-    return [(acc / max(count, 1)).sqrt() for acc in squares]
+    for acc in squares:
+        distributed.all_reduce_sum(acc)
+    total = int(distributed.all_reduce_sum(torch.tensor(float(count), dtype=torch.float64)).item())
+    return [(acc / max(total, 1)).sqrt() for acc in squares]
 
 
 def regional_optimisation(layer: nn.Module, samples: list, targets: list[Tensor], rounds: int, lr: float) -> float:
@@ -92,9 +100,15 @@ class WandaPP(ScoreMethod):
         o_proj, down_proj = arch.attention_linears(layer)[3], arch.mlp_linears(layer)[2]
         grads = regional_gradients(layer, [o_proj, down_proj], iter_samples(layer, calib, self.config.nsamples))
         self._gradients = {"attn": grads[0], "mlp": grads[1]}
-        self._ro_samples = list(iter_samples(layer, calib, min(RO_SAMPLES, self.config.nsamples)))
+        local = list(iter_samples(layer, calib, min(RO_SAMPLES, self.config.nsamples)))
         with torch.no_grad():
-            self._targets = [layer_output(layer(h, **kw)) for h, kw in self._ro_samples]
+            mine = [(i, h.cpu(), layer_output(layer(h, **kw)).cpu()) for i, h, kw in local]
+        # Every process optimises on the same samples, in the same order, so all stay identical.
+        gathered = sorted((item for part in distributed.all_gather_objects(mine) for item in part), key=lambda t: t[0])
+        kwargs = local[0][2] if local else next(iter_samples(layer, calib, calib.n_samples + 10**9))[2]
+        device = next(layer.parameters()).device
+        self._ro_samples = [(h.to(device), kwargs) for _, h, _ in gathered]
+        self._targets = [t.to(device) for _, _, t in gathered]
 
     def column_scores(self, ctx: BlockContext) -> Tensor:
         w = ctx.consumer.weight.to(torch.float64)

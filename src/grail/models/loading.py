@@ -69,21 +69,23 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torc
     """Load ``(model, tokenizer)`` in evaluation mode, without gradients.
 
     ``name`` is a hub id, a local folder (a GRAIL checkpoint included), a ``.gguf`` file,
-    or the alias ``smollm2-135m``.
+    or the alias ``smollm2-135m``. ``device="auto"`` lets accelerate spread the layers over
+    the GPUs (and the CPU); each layer is then pruned where it lives.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     location, gguf = resolve_model(name)
     extra = {"gguf_file": gguf} if gguf else {}
+    placement = {"device_map": "auto"} if str(device) == "auto" else {}  # accelerate spreads layers over GPUs
     try:
         config = AutoConfig.from_pretrained(location, **extra)
         arch_for(config)  # fail early, with the supported list, before reading any weights
         if is_grail_checkpoint(config):
-            model = CLASSES[config.model_type].from_pretrained(location, config=config, dtype=dtype)
+            model = CLASSES[config.model_type].from_pretrained(location, config=config, dtype=dtype, **placement)
         else:
             # GGUF weights are dequantised to float32 by transformers; cast afterwards.
             load_dtype = torch.float32 if gguf else dtype
-            model = AutoModelForCausalLM.from_pretrained(location, dtype=load_dtype, **extra)
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=load_dtype, **extra, **placement)
         tokenizer = AutoTokenizer.from_pretrained(location, **extra)
     except OSError as err:
         raise ModelLoadError(
@@ -95,7 +97,7 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torc
         model.config.quantization_config = None
         del model.config.quantization_config
         model.hf_quantizer = None
-    model = model.to(dtype=dtype, device=device)
+    model = model.to(dtype=dtype) if placement else model.to(dtype=dtype, device=device)
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer

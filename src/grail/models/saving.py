@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from grail.errors import GrailError
 from grail.models import modeling_grail
@@ -52,19 +52,25 @@ def _stock_bias(config, switch: str | None) -> bool:
     return bool(switch and getattr(config, switch, False))
 
 
-def saved_config_and_state(model: nn.Module, arch: ArchSpec, metadata: dict | None = None):
-    """The config to write and the state dict (with zero biases where a switch needs them)."""
+def checkpoint_layout(model: nn.Module, arch: ArchSpec, metadata: dict | None = None):
+    """``(config, zero_biases, needs_code)`` for saving ``model``, from its modules' shapes alone.
+
+    ``zero_biases`` are the extra tensors a stock bias switch needs (name -> zeros, on the
+    CPU); ``needs_code`` says whether the checkpoint needs ``modeling_grail.py``. Weights are
+    not read, so the layers may already be released (on the meta device) when streaming.
+    """
     config = copy.deepcopy(model.config)
     layers = arch.decoder_layers(model)
     shapes = [layer_shape(arch, layer) for layer in layers]
-    state = {k: v for k, v in model.state_dict().items()}
+    names = {id(module): name for name, module in model.named_modules()}
+    zero_biases: dict[str, Tensor] = {}
     extra_bias: dict[str, list[int]] = {}
     needs_code = False
-    for kind, switch, consumer in (
+    for kind, switch, linears in (
         ("attn", arch.attention_bias_switch, arch.attention_linears),
         ("mlp", arch.mlp_bias_switch, arch.mlp_linears),
     ):
-        with_bias = [i for i, layer in enumerate(layers) if consumer(layer)[-1].bias is not None]
+        with_bias = [i for i, layer in enumerate(layers) if linears(layer)[-1].bias is not None]
         if not with_bias or _stock_bias(config, switch):
             continue
         if switch is None:
@@ -72,11 +78,10 @@ def saved_config_and_state(model: nn.Module, arch: ArchSpec, metadata: dict | No
             needs_code = True
             continue
         setattr(config, switch, True)
-        for _i, layer in enumerate(layers):
-            for lin in _switch_modules(arch, layer, kind):
+        for layer in layers:
+            for lin in linears(layer):
                 if lin.bias is None:
-                    name = _param_name(model, lin) + ".bias"
-                    state[name] = torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device)
+                    zero_biases[names[id(lin)] + ".bias"] = torch.zeros(lin.out_features, dtype=lin.weight.dtype)
     config.head_dim = shapes[0].head_dim
     widths = [
         {
@@ -102,7 +107,7 @@ def saved_config_and_state(model: nn.Module, arch: ArchSpec, metadata: dict | No
         config.auto_map = {"AutoModelForCausalLM": f"modeling_grail.{cls.__name__}"}
     if metadata is not None:
         config.grail = metadata
-    return config, state, needs_code
+    return config, zero_biases, needs_code
 
 
 def _plain_config_accepts(config, widths: dict) -> bool:
@@ -119,32 +124,43 @@ def _plain_config_accepts(config, widths: dict) -> bool:
     return True
 
 
-def _param_name(model: nn.Module, module: nn.Module) -> str:
-    for name, candidate in model.named_modules():
-        if candidate is module:
-            return name
-    raise KeyError("module not found in model")
-
-
 def save_pruned(model: nn.Module, tokenizer, out_dir: str | os.PathLike, metadata: dict | None = None) -> Path:
     """Write ``model`` and ``tokenizer`` (may be None) to the new folder ``out_dir``; returns it."""
-    out = check_save_target(out_dir)
-    config, state, needs_code = saved_config_and_state(model, arch_for(model.config), metadata)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    config, zero_biases, needs_code = checkpoint_layout(model, arch_for(model.config), metadata)
+    state = model.state_dict() | {k: v.to(model.device) for k, v in zero_biases.items()}
     live_config = model.config
-    try:
+
+    def write(tmp: Path) -> None:
         model.config = config
-        model.save_pretrained(tmp, state_dict=state)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if needs_code:
-            shutil.copy(modeling_grail.__file__, tmp / "modeling_grail.py")
+        try:
+            model.save_pretrained(tmp, state_dict=state)
+        finally:
+            model.config = live_config
+        finish_checkpoint(tmp, None, tokenizer, needs_code)
+
+    return write_atomically(out_dir, write)
+
+
+def finish_checkpoint(folder: Path, config, tokenizer, needs_code: bool) -> None:
+    """Config (when not written yet), tokenizer and, when needed, the modeling file."""
+    if config is not None:
+        config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    if needs_code:
+        shutil.copy(modeling_grail.__file__, folder / "modeling_grail.py")
+
+
+def write_atomically(out_dir: str | os.PathLike, write) -> Path:
+    """Run ``write(tmp)`` on a temporary folder beside ``out_dir`` and move it into place at the end."""
+    out = check_save_target(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(tmp)
         if out.exists():
             out.rmdir()
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        model.config = live_config
     return out

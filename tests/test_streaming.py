@@ -1,0 +1,131 @@
+"""Layer streaming gives the in-memory result, and data-parallel runs give the single-process one."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import random_windows, tiny_model, tiny_tokenizer
+from safetensors.torch import load_file
+
+import grail
+from grail.cli import main
+from grail.evaluate.perplexity import perplexity
+from grail.streaming import prune_streaming, streamed_perplexity
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _sharded_checkpoint(folder: Path, family="llama", heads=6, kv=2) -> Path:
+    model = tiny_model(family, heads, kv, layers=3)
+    model.save_pretrained(folder, max_shard_size="60KB")  # several shards
+    tiny_tokenizer().save_pretrained(folder)
+    assert len(list(folder.glob("*.safetensors"))) > 2
+    return folder
+
+
+def _tensors(folder: Path) -> dict:
+    out = {}
+    for file in folder.glob("*.safetensors"):
+        out.update(load_file(file))
+    return out
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"prune_method": "flap", "compensate": True, "ridge_lambda": "auto"},
+        {"prune_method": "wanda_sp", "compensate": True, "ridge_lambda": 0.0},
+        {"prune_method": "slimgpt"},
+        {"prune_method": "flap", "structure": "UL-UM", "attention_unit": "query"},
+    ],
+)
+def test_streaming_equals_in_memory(tmp_path, config):
+    source = _sharded_checkpoint(tmp_path / "dense")
+    windows = random_windows(8, 24)
+    prune = grail.PruneConfig(pruning_ratio=0.4, nsamples=8, calib_batch_size=3, **config)
+    model, tokenizer = grail.load_model(str(source))
+    grail.prune_model(model, windows, prune, progress=False)
+    grail.save_pruned(model, tokenizer, tmp_path / "memory")
+    prune_streaming(source, tmp_path / "streamed", windows, prune, tokenizer, progress=False)
+    memory, streamed = _tensors(tmp_path / "memory"), _tensors(tmp_path / "streamed")
+    assert set(streamed) == set(memory)
+    for name, tensor in memory.items():
+        torch.testing.assert_close(streamed[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    eval_windows = random_windows(4, 20, seed=5)
+    reloaded, _ = grail.load_model(str(tmp_path / "streamed"))
+    in_memory_ppl = perplexity(model, eval_windows, progress=False)
+    assert perplexity(reloaded, eval_windows, progress=False) == pytest.approx(in_memory_ppl, rel=1e-5)
+    assert streamed_perplexity(tmp_path / "streamed", eval_windows, 2, "cpu", torch.float32) == pytest.approx(
+        in_memory_ppl, rel=1e-5
+    )
+
+
+def test_activations_spilled_to_disk_give_the_same_result(tmp_path):
+    windows = random_windows(6, 16)
+    results = []
+    for spill in (None, str(tmp_path / "acts")):
+        model = tiny_model("qwen2", 6, 3)
+        config = grail.PruneConfig(
+            prune_method="wanda_sp", pruning_ratio=0.3, nsamples=6, compensate=True, offload_activations=spill
+        )
+        grail.prune_model(model, windows, config, progress=False)
+        results.append(model.state_dict())
+    assert any((tmp_path / "acts").rglob("*.bin"))
+    for name, tensor in results[0].items():
+        torch.testing.assert_close(results[1][name], tensor, msg=name)
+
+
+def test_offload_from_the_command_line(tmp_path, data_dir):
+    source = _sharded_checkpoint(tmp_path / "dense")
+    out, results_file = tmp_path / "pruned", tmp_path / "r.json"
+    args = [
+        "--model", str(source), "--offload", "--save_model", str(out), "--prune_method", "flap", "--pruning_ratio", "0.3",
+        "--nsamples", "4", "--seqlen", "32", "--data_dir", str(data_dir), "--eval", "--eval_samples", "3",
+        "--compensate", "--device", "cpu", "--output_json", str(results_file), "--quiet",
+    ]  # fmt: skip
+    assert main(args) == 0
+    results = json.loads(results_file.read_text())
+    assert results["streamed"] and results["params"]["removed_fraction"] == pytest.approx(0.3, abs=0.05)
+    model, tokenizer = grail.load_model(str(out))
+    again = grail.evaluate_perplexity(model, tokenizer, "wikitext2", 32, data_dir, max_windows=3, progress=False)
+    assert again["ppl"] == pytest.approx(results["ppl"]["wikitext2"], rel=1e-5)
+    # streaming writes into the output checkpoint: without --save_model it is refused
+    assert main(["--model", str(source), "--offload", "--device", "cpu", "--pruning_ratio", "0.2"]) == 2
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_torchrun_with_two_processes_saves_the_single_process_checkpoint(tmp_path, data_dir):
+    source = _sharded_checkpoint(tmp_path / "dense")
+    common = [
+        "--model", str(source), "--prune_method", "wanda_sp", "--pruning_ratio", "0.4", "--nsamples", "6",
+        "--seqlen", "32", "--data_dir", str(data_dir), "--compensate", "--ridge_lambda", "auto", "--device", "cpu",
+        "--calib_batch_size", "2", "--quiet", "--eval", "--eval_samples", "4",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    single = subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), *common, "--save_model", str(tmp_path / "one"), "--output_json", str(tmp_path / "one.json")],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = subprocess.run(
+        [
+            "torchrun", "--nproc_per_node", "2", "--master_port", "29517", str(ROOT / "main.py"), *common,
+            "--save_model", str(tmp_path / "two"), "--output_json", str(tmp_path / "two.json"),
+        ],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert double.returncode == 0, double.stderr[-3000:]
+    one, two = _tensors(tmp_path / "one"), _tensors(tmp_path / "two")
+    assert set(one) == set(two)
+    for name, tensor in one.items():
+        torch.testing.assert_close(two[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    r1, r2 = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert r2["processes"] == 2
+    assert r2["ppl"]["wikitext2"] == pytest.approx(r1["ppl"]["wikitext2"], rel=1e-5)
