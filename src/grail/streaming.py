@@ -10,6 +10,8 @@ activations themselves spill to memory-mapped files when they do not fit in memo
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import logging
 from pathlib import Path
@@ -100,6 +102,13 @@ class LayerStreamer:
             prefix = self._prefix(index)
             self.writer.write(f"layer-{index:05d}.safetensors", {prefix + k: v for k, v in layer.state_dict().items()})
         layer.to("meta")
+        _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap memory back to the system (glibc keeps it otherwise, and memory creeps up layer by layer)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def meta_model(folder: str | Path, device, dtype: torch.dtype) -> nn.Module:

@@ -1,0 +1,191 @@
+"""Layer streaming benchmark: peak memory of pruning a model larger than one layer, from disk.
+
+Writes a synthetic LLaMA-shaped checkpoint (random weights, one safetensors shard per
+layer, never the whole model in memory), then prunes it with compensation in streaming
+mode in a fresh process and reports, measured in that process:
+
+* ``peak_over_layer_and_activations``: growth of resident memory during pruning divided by
+  the size of one decoder layer plus the calibration activations plus the embeddings and
+  output head, which stay in memory (target <= 1.5);
+* ``peak_over_layer_activations_statistics``: the same, with the largest Gram matrix added;
+* ``peak_over_model``: peak resident memory of the process divided by the model's size;
+* the time of the run, and with ``--torchrun 2`` the same run with two CPU processes.
+
+    python bench/bench_streaming.py --out /tmp/synthetic --layers 10 --hidden 2048 --intermediate 5632
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+def write_synthetic(
+    folder: Path, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int
+) -> int:
+    """A random LLaMA-shaped checkpoint written layer by layer; returns its size in bytes."""
+    from transformers import LlamaConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    head_dim = hidden // heads
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        tie_word_embeddings=False,
+    )
+    config.save_pretrained(folder)
+    generator = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator) * 0.02
+
+    weight_map, total = {}, 0
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        tensors = {
+            p + "self_attn.q_proj.weight": rand(heads * head_dim, hidden),
+            p + "self_attn.k_proj.weight": rand(kv_heads * head_dim, hidden),
+            p + "self_attn.v_proj.weight": rand(kv_heads * head_dim, hidden),
+            p + "self_attn.o_proj.weight": rand(hidden, heads * head_dim),
+            p + "mlp.gate_proj.weight": rand(intermediate, hidden),
+            p + "mlp.up_proj.weight": rand(intermediate, hidden),
+            p + "mlp.down_proj.weight": rand(hidden, intermediate),
+            p + "input_layernorm.weight": torch.ones(hidden),
+            p + "post_attention_layernorm.weight": torch.ones(hidden),
+        }
+        name = f"layer-{i:05d}.safetensors"
+        save_file(tensors, folder / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+        total += sum(t.numel() * 4 for t in tensors.values())
+    rest = {
+        "model.embed_tokens.weight": rand(vocab, hidden),
+        "model.norm.weight": torch.ones(hidden),
+        "lm_head.weight": rand(vocab, hidden),
+    }
+    save_file(rest, folder / "rest.safetensors", metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(rest, "rest.safetensors"))
+    total += sum(t.numel() * 4 for t in rest.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return total
+
+
+def _status(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(key)
+
+
+def child(args: argparse.Namespace) -> None:
+    """Runs in a fresh process: prune the synthetic model in streaming mode, print figures as JSON."""
+    import grail
+    from grail import distributed
+    from grail.streaming import prune_streaming
+
+    distributed.init_from_environment("cpu")
+    with torch.device("meta"):  # load the modeling code now, so its import is not counted below
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        LlamaForCausalLM(LlamaConfig(num_hidden_layers=1))
+    torch.manual_seed(0)
+    windows = torch.randint(0, args.vocab, (args.nsamples, args.seqlen))
+    config = grail.PruneConfig(
+        prune_method=args.method,
+        pruning_ratio=args.ratio,
+        nsamples=args.nsamples,
+        compensate=True,
+        ridge_lambda=0.0,
+        calib_batch_size=args.batch_size,
+    )
+    baseline = _status("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark
+    start = time.perf_counter()
+    prune_streaming(args.out, args.result, windows, config, progress=False)
+    seconds = time.perf_counter() - start
+    if distributed.is_main():
+        print(json.dumps({"seconds": seconds, "baseline_rss": baseline, "peak_rss": _status("VmHWM")}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="folder of the synthetic checkpoint (written if absent)")
+    p.add_argument("--result", type=Path, default=None, help="folder of the pruned checkpoint (default: <out>-pruned)")
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--intermediate", type=int, default=5632)
+    p.add_argument("--layers", type=int, default=10)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv_heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--method", default="wanda_sp")
+    p.add_argument("--ratio", type=float, default=0.3)
+    p.add_argument("--nsamples", type=int, default=8)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--torchrun", type=int, default=0, help="also time the run with this many CPU processes")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.result = args.result or args.out.with_name(args.out.name + "-pruned")
+    if args.child:
+        child(args)
+        return
+    if not (args.out / "model.safetensors.index.json").is_file():
+        write_synthetic(args.out, args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads, args.vocab)
+    model_bytes = sum(f.stat().st_size for f in args.out.glob("*.safetensors"))
+    layer_bytes = (args.out / "layer-00000.safetensors").stat().st_size
+    layer_bytes += (args.out / "rest.safetensors").stat().st_size  # embeddings and head stay resident
+    activation_bytes = args.nsamples * args.seqlen * args.hidden * 4
+    gram_bytes = args.intermediate**2 * 8
+    argv = list(sys.argv[1:])
+    if "--torchrun" in argv:  # the child runs get every option but this one
+        i = argv.index("--torchrun")
+        del argv[i : i + 2]
+    figures = {"model_mib": round(model_bytes / 2**20), "layer_mib": round(layer_bytes / 2**20)}
+    runs = [("single", [sys.executable, __file__, *argv, "--child"])]
+    if args.torchrun:
+        runs.append(
+            (
+                f"torchrun_{args.torchrun}",
+                ["torchrun", "--nproc_per_node", str(args.torchrun), __file__, *argv, "--child"],
+            )
+        )
+    for name, command in runs:
+        subprocess.run(["rm", "-rf", str(args.result)], check=True)
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "2" if name == "single" else "1"},
+        )
+        if done.returncode:
+            sys.exit(done.stderr[-3000:])
+        measured = json.loads(done.stdout.strip().splitlines()[-1])
+        growth = measured["peak_rss"] - measured["baseline_rss"]
+        figures[name] = {
+            "seconds": round(measured["seconds"], 1),
+            "peak_rss_mib": round(measured["peak_rss"] / 2**20),
+            "growth_mib": round(growth / 2**20),
+            "peak_over_layer_and_activations": round(growth / (layer_bytes + activation_bytes), 3),
+            "peak_over_layer_activations_statistics": round(growth / (layer_bytes + activation_bytes + gram_bytes), 3),
+            "peak_over_model": round(measured["peak_rss"] / model_bytes, 3),
+        }
+    if args.torchrun:
+        figures["torchrun_time_ratio"] = round(figures[runs[1][0]]["seconds"] / figures["single"]["seconds"], 3)
+    print(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
