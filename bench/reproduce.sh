@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every perplexity table of the README, on SmolLM2-135M with the offline WikiText-2 copy.
+# Every perplexity and accuracy table of the README, on SmolLM2-135M with the offline data copies.
 # Each sweep resumes where it stopped; results land in results/<name>/ (sweep.json, table.md, ppl.png).
 # Usage: bash bench/reproduce.sh [DATA_DIR]   (default ../shared/data)
 set -euo pipefail
@@ -7,24 +7,27 @@ cd "$(dirname "$0")/.."
 DATA="${1:-../shared/data}"
 COMMON=(--model smollm2-135m --data_dir "$DATA" --device cpu --quiet)
 CORE=(--nsamples 32 --seqlen 512 --eval_samples 64 --eval_batch_size 4)
+# The small setting: 16 calibration windows of 256 tokens, the first 32 test windows of 256 tokens.
+SMALL=(--seqlen 256 --eval_samples 32 --eval_batch_size 8)
 
-# Core methods, plain and with GRAIL at lambda 0 (affine and linear fits).
+# 1. Core methods, plain and with GRAIL at lambda 0 (affine and linear fits), 32 x 512 calibration.
 grail sweep "${COMMON[@]}" "${CORE[@]}" --out results/core --methods mag_sp,wanda_sp \
   --ratios 0.1,0.2,0.3,0.5 --lambdas 0 --fits affine,linear
-# FLAP (WIFV, AL-AM): plain, GRAIL affine, and the research code's convention (uncentred fit plus mean bias).
-grail sweep "${COMMON[@]}" "${CORE[@]}" --out results/flap --methods flap \
-  --ratios 0.1,0.2,0.3,0.5 --lambdas 0 --fits affine,seed
-# Grouped-query attention: query-head bundles instead of key/value groups.
-grail sweep "${COMMON[@]}" "${CORE[@]}" --out results/flap_query --methods flap,wanda_sp --attention_unit query \
-  --ratios 0.2,0.3,0.5 --variants plain
-# SlimGPT and Wanda++, plain and with GRAIL.
-grail sweep "${COMMON[@]}" "${CORE[@]}" --out results/obs_wandapp --methods slimgpt,wanda_pp_sp \
-  --ratios 0.1,0.2,0.3,0.5 --lambdas 0
-# Choosing lambda: none, 0, 1e-3 and auto, at 16 and at 128 calibration windows of 256 tokens.
-for N in 16 128; do
-  grail sweep "${COMMON[@]}" --nsamples "$N" --seqlen 256 --eval_samples 64 --eval_batch_size 8 \
-    --out "results/lambda_$N" --methods wanda_sp,flap --ratios 0.1,0.2,0.3,0.5,0.7 --lambdas 0,0.001,auto
-done
-# Zero-shot mean accuracy (first 200 examples per task), dense and at 20% / 50%.
-grail sweep "${COMMON[@]}" "${CORE[@]}" --out results/zero_shot --methods flap,wanda_sp --ratios 0.2,0.5 \
-  --lambdas auto --zero_shot --zero_shot_limit 200 --eval_batch_size 8
+# 2. Every method, no compensation / lambda 0 / lambda 1e-3 / auto, at 16 calibration windows.
+grail sweep "${COMMON[@]}" "${SMALL[@]}" --nsamples 16 --out results/lambda_16 --methods flap,wanda_sp \
+  --ratios 0.1,0.2,0.3,0.5,0.7 --lambdas 0,0.001,auto
+# 3. FLAP with the research code's convention (uncentred fit plus mean bias), same setting.
+grail sweep "${COMMON[@]}" "${SMALL[@]}" --nsamples 16 --out results/flap_seed --methods flap \
+  --ratios 0.1,0.2,0.3,0.5,0.7 --variants grail --lambdas 0 --fits seed
+# 4. SlimGPT and Wanda++, plain, lambda 0 and auto, same setting.
+grail sweep "${COMMON[@]}" "${SMALL[@]}" --nsamples 16 --out results/obs_wandapp --methods slimgpt,wanda_pp_sp \
+  --ratios 0.1,0.2,0.3,0.5,0.7 --lambdas 0,auto
+# 5. Grouped-query attention: query-head bundles instead of whole key/value groups (group rows: sweep 2).
+grail sweep "${COMMON[@]}" "${SMALL[@]}" --nsamples 16 --out results/flap_query --methods flap,wanda_sp \
+  --attention_unit query --ratios 0.1,0.2,0.3,0.5,0.7 --variants plain
+# 6. Zero-shot mean accuracy (first 50 examples per task), dense and at 20% / 50%.
+grail sweep "${COMMON[@]}" "${SMALL[@]}" --nsamples 16 --out results/zero_shot --methods flap,wanda_sp \
+  --ratios 0.2,0.5 --lambdas auto --zero_shot --zero_shot_limit 50
+# 7. The lambda table again with 128 calibration windows (wanda_sp).
+grail sweep "${COMMON[@]}" "${SMALL[@]}" --nsamples 128 --out results/lambda_128 --methods wanda_sp \
+  --ratios 0.1,0.3,0.5,0.7 --lambdas 0,0.001,auto

@@ -234,6 +234,7 @@ def plot(summary: dict, runs: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.5), squeeze=False)
     methods = sorted({PruneConfig(**r["config"]["prune"]).prune_method for r in summary["results"]})
     colours = {m: f"C{i}" for i, m in enumerate(methods)}
+    markers = {}  # variants of one method get different markers
     for ax, name in zip(axes[0], datasets, strict=True):
         for (dataset, label), values in sorted(rows.items()):
             if dataset != name:
@@ -245,7 +246,9 @@ def plot(summary: dict, runs: list[dict], path: Path) -> None:
                 [values[r]["ppl"][name] for r in ratios],
                 linestyle="-" if prune.compensate else "--",
                 color=colours[prune.prune_method],
-                marker="o",
+                marker=markers.setdefault(
+                    label, "os^vDP*X"[sum(1 for k in markers if k.split()[0] == label.split()[0]) % 8]
+                ),
                 label=label,
             )
         ax.axhline(summary["dense"]["ppl"][name], color="grey", linewidth=0.8, label="dense")
