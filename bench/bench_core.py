@@ -10,6 +10,12 @@ Reports, measured in one process on the same model and calibration windows:
   counts only the growth during pruning (the interpreter, libraries and tokenizer excluded).
 
     python bench/bench_core.py --data_dir ../shared/data --method wanda_sp --ratio 0.3 --compensate
+
+On a GPU (``--device cuda --dtype bfloat16``) it also reports the peak GPU memory allocated
+while pruning, over the model's size:
+
+    python bench/bench_core.py --model TinyLlama/TinyLlama-1.1B-Chat-v1.0 --device cuda --dtype bfloat16 \
+        --method flap --ratio 0.3 --compensate --nsamples 128 --seqlen 2048
 """
 
 from __future__ import annotations
@@ -46,11 +52,19 @@ def rss_bytes() -> int:
     return _status_bytes("VmRSS")
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def plain_forward_seconds(model, windows: torch.Tensor, batch_size: int) -> float:
+    device = model.get_input_embeddings().weight.device
+    synchronize(device)
     start = time.perf_counter()
     with torch.no_grad():
         for b in range(0, len(windows), batch_size):
-            model(input_ids=windows[b : b + batch_size], use_cache=False)
+            model(input_ids=windows[b : b + batch_size].to(device), use_cache=False)
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -66,11 +80,14 @@ def main() -> None:
     p.add_argument("--compensate", action="store_true")
     p.add_argument("--ridge_lambda", default="0", help="a number or 'auto'")
     p.add_argument("--extra", default="{}", help="JSON of further PruneConfig fields")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args()
     torch.manual_seed(0)
 
-    model, tokenizer = grail.load_model(args.model)
+    device = torch.device(args.device)
+    model, tokenizer = grail.load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
     size = model_bytes(model)
     windows, _ = grail.calibration_data(tokenizer, "wikitext2", args.nsamples, args.seqlen, data_dir=args.data_dir)
     plain_forward_seconds(model, windows[: args.batch_size], args.batch_size)  # warm-up
@@ -89,8 +106,12 @@ def main() -> None:
     timer = Timer()
     reset_peak_rss()
     rss_before = rss_bytes()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    synchronize(device)
     start = time.perf_counter()
     report = grail.prune_model(model, windows, config, timer, progress=False)
+    synchronize(device)
     prune_seconds = time.perf_counter() - start
     peak_rss = peak_rss_bytes()
     figures = {
@@ -111,7 +132,13 @@ def main() -> None:
         "rss_before_prune_mib": round(rss_before / 2**20, 1),
         "prune_extra_rss_ratio": round((peak_rss - rss_before) / size, 3),
         "removed_fraction": round(report.removed_fraction, 4),
+        "device": str(device),
+        "dtype": args.dtype,
     }
+    if device.type == "cuda":
+        peak_gpu = torch.cuda.max_memory_allocated(device)
+        figures["peak_gpu_mib"] = round(peak_gpu / 2**20, 1)
+        figures["peak_gpu_ratio"] = round(peak_gpu / size, 3)
     print(json.dumps(figures, indent=2))
     if args.json:
         with open(args.json, "w") as f:
