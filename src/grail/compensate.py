@@ -62,9 +62,12 @@ def solve_spd(a: Tensor, rhs: Tensor, where: str = "") -> tuple[Tensor, float]:
     a = a.to(torch.float64)
     rhs = rhs.to(torch.float64)
     scale = a.diagonal().mean().abs().item() or 1.0
-    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
     for jitter in JITTERS:
-        chol, info = torch.linalg.cholesky_ex(a + jitter * scale * eye if jitter else a)
+        system = a
+        if jitter:
+            system = a.clone()
+            system.diagonal().add_(jitter * scale)
+        chol, info = torch.linalg.cholesky_ex(system)
         if int(info) == 0:
             if jitter:
                 log.debug("%s: Gram matrix singular, factored with jitter %.0e x mean diagonal", where, jitter)
@@ -100,8 +103,58 @@ class ConsumerFit:
     jitter: float = 0.0
 
 
-def _penalty(gram_pp: Tensor, lam: float) -> Tensor:
-    return lam * gram_pp.diagonal().mean()
+@dataclass(frozen=True)
+class RidgeSystem:
+    """The normal equations of one consumer's fit, without the penalty, ready for many lambdas.
+
+    ``matrix`` is ``G[P, P]`` (with the constant feature appended for the affine fit:
+    ``[[G[P, P], s[P]], [s[P]^T, N]]``) and ``rhs`` the matching ``[W G[:, P], W s]``
+    (O x K or O x (K + 1)). Building it once and adding only the penalty per candidate keeps
+    cross-validation over a grid of lambdas at one factorisation per candidate.
+    """
+
+    matrix: Tensor
+    rhs: Tensor
+    kept_count: int
+    scale: float  # mean diagonal of G[P, P]: lambda is relative to it
+    prior: Tensor | None  # W[:, P] when the penalty pulls towards plain pruning
+
+    @classmethod
+    def from_products(
+        cls,
+        gram_pp: Tensor,
+        sums_p: Tensor,
+        count: int,
+        wg: Tensor,
+        ws: Tensor,
+        affine: bool,
+        prior: Tensor | None = None,
+    ) -> RidgeSystem:
+        """From ``gram_pp = G[P, P]``, ``sums_p = s[P]``, ``wg = W G[:, P]`` (O x K), ``ws = W s`` (O)."""
+        k = gram_pp.shape[0]
+        if affine:
+            matrix = torch.empty(k + 1, k + 1, dtype=gram_pp.dtype, device=gram_pp.device)
+            matrix[:k, :k] = gram_pp
+            matrix[:k, k] = sums_p
+            matrix[k, :k] = sums_p
+            matrix[k, k] = float(count)
+            rhs = torch.cat([wg, ws.unsqueeze(1)], dim=1)
+        else:
+            matrix, rhs = gram_pp, wg
+        return cls(matrix, rhs, k, gram_pp.diagonal().mean().item(), prior)
+
+    def solve(self, lam: float, where: str = "") -> ConsumerFit:
+        """The ridge fit ``(G[P, P] + lam mean(diag G[P, P]) I)`` (bias column unpenalised)."""
+        k, penalty = self.kept_count, lam * self.scale
+        a, rhs = self.matrix, self.rhs
+        if penalty:
+            a = a.clone()
+            a.diagonal()[:k] += penalty
+            if self.prior is not None:
+                rhs = rhs.clone()
+                rhs[:, :k] += penalty * self.prior
+        x, jitter = solve_spd(a, rhs.T, where)  # (K or K+1) x O
+        return ConsumerFit(x[:k].T, x[k] if x.shape[0] > k else None, jitter)
 
 
 def fit_from_products(
@@ -115,25 +168,12 @@ def fit_from_products(
     where: str = "",
     prior: Tensor | None = None,
 ) -> ConsumerFit:
-    """The ridge fit from its sufficient statistics.
+    """The ridge fit from its sufficient statistics (see :class:`RidgeSystem`).
 
     ``gram_pp = G[P, P]``, ``sums_p = s[P]``, ``wg = W G[:, P]`` (O x K), ``ws = W s`` (O);
     ``prior`` is ``W[:, P]`` when the penalty pulls towards plain pruning (else towards zero).
     """
-    k = gram_pp.shape[0]
-    eye = torch.eye(k, dtype=gram_pp.dtype, device=gram_pp.device)
-    penalty = _penalty(gram_pp, lam)
-    rhs = wg if prior is None or lam == 0 else wg + penalty * prior
-    if not affine:
-        x, jitter = solve_spd(gram_pp + penalty * eye, rhs.T, where)
-        return ConsumerFit(x.T, None, jitter)
-    a = torch.empty(k + 1, k + 1, dtype=gram_pp.dtype, device=gram_pp.device)
-    a[:k, :k] = gram_pp + penalty * eye
-    a[:k, k] = sums_p
-    a[k, :k] = sums_p
-    a[k, k] = float(count)
-    x, jitter = solve_spd(a, torch.cat([rhs, ws.unsqueeze(1)], dim=1).T, where)  # (K+1) x O
-    return ConsumerFit(x[:k].T, x[k], jitter)
+    return RidgeSystem.from_products(gram_pp, sums_p, count, wg, ws, affine, prior).solve(lam, where)
 
 
 def fit_consumer(
@@ -254,33 +294,34 @@ def choose_lambda(
     keys = ("gram_pp", "sums_p", "count", "wg", "ws")
     full = {k: sum(f[k] for f in stats) for k in keys}
     w_kept = w[:, kept]
-
-    def mean_shift(train: dict) -> Tensor | None:
-        # W[:, R] mean[R] = (W s - W[:, P] s[P]) / N over the training tokens
-        return (train["ws"] - w_kept @ train["sums_p"]) / max(train["count"], 1) if mean_bias else None
-
-    def candidate(train: dict, lam: float | None) -> ConsumerFit:
-        if lam is None:  # the uncompensated consumer
-            return ConsumerFit(w_kept, mean_shift(train))
-        result = fit_from_products(
-            train["gram_pp"],
-            train["sums_p"],
-            train["count"],
-            train["wg"],
-            train["ws"],
-            lam,
+    trains = [{k: full[k] - f[k] for k in keys} for f in stats]  # each fold's fit uses the other folds
+    # W[:, R] mean[R] = (W s - W[:, P] s[P]) / N over the training tokens
+    shifts = [(t["ws"] - w_kept @ t["sums_p"]) / max(t["count"], 1) if mean_bias else None for t in trains]
+    systems = [
+        RidgeSystem.from_products(
+            t["gram_pp"],
+            t["sums_p"],
+            t["count"],
+            t["wg"],
+            t["ws"],
             fit == "affine",
-            where,
             w_kept if prior == "pruned" else None,
         )
+        for t in trains
+    ]
+
+    def candidate(i: int, lam: float | None) -> ConsumerFit:
+        if lam is None:  # the uncompensated consumer
+            return ConsumerFit(w_kept, shifts[i])
+        result = systems[i].solve(lam, where)
         if fit == "seed":
-            result = ConsumerFit(result.weight, mean_shift(train), result.jitter)
+            result = ConsumerFit(result.weight, shifts[i], result.jitter)
         return result
 
     def heldout_error(lam: float | None) -> float:
         err = 0.0
-        for f in stats:
-            c = candidate({k: full[k] - f[k] for k in keys}, lam)
+        for i, f in enumerate(stats):
+            c = candidate(i, lam)
             new_w = c.weight
             err += f["wgw"] - 2 * float((new_w * f["wg"]).sum()) + float((new_w @ f["gram_pp"] * new_w).sum())
             if c.bias_shift is not None:
