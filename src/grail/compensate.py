@@ -40,8 +40,10 @@ log = logging.getLogger(__name__)
 
 FITS = ("affine", "linear", "seed")
 PRIORS = ("zero", "pruned")  # what the ridge penalty pulls the reconstruction towards
-# Candidate penalties for --ridge_lambda auto: 0 and the decades 1e-6 ... 1.
-LAMBDA_GRID = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+# Candidate penalties for --ridge_lambda auto: 0 and the decades 1e-5 ... 100. With the
+# pruned prior a large lambda approaches plain pruning, and with small calibration sets the
+# choice often lies above 1, so the grid reaches past it.
+LAMBDA_GRID = (0.0, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 # Cross-validation scores consumers wider than this on a random sketch of their output rows.
 SKETCH_ROWS = 128
 
