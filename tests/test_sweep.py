@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import grail.sweep
@@ -52,3 +53,30 @@ def test_sweep_shares_the_dense_scoring_pass(tiny_checkpoint, data_dir, tmp_path
     flap_plain = [r for r in results if r["overrides"]["prune_method"] == "flap" and not r["overrides"]["compensate"]]
     passes = [r["prune"]["model_passes"] for r in flap_plain]
     assert passes == [1.0, 0.0]  # the second ratio reuses the first one's scoring pass
+
+
+def test_zero_shot_table_has_one_header_cell_per_column():
+    from grail.config import PruneConfig
+
+    def result(ratio: float, compensate: bool, acc: float) -> dict:
+        prune = PruneConfig(prune_method="flap", pruning_ratio=ratio, compensate=compensate)
+        return {
+            "config": {"prune": dataclasses.asdict(prune)},
+            "ppl": {"wikitext2": 10.0 + ratio},
+            "zero_shot": {"mean_acc": acc},
+        }
+
+    summary = {
+        "model": "tiny",
+        "seqlen": 16,
+        "calibration_windows": 4,
+        "evaluation_windows": {"wikitext2": 2},
+        "zero_shot_limit": 5,
+        "dense": {"ppl": {"wikitext2": 9.0}, "zero_shot": {"mean_acc": 0.5}},
+        "results": [result(r, c, 0.4) for r in (0.2, 0.5) for c in (False, True)],
+    }
+    runs = [{"pruning_ratio": r, "compensate": c} for r in (0.2, 0.5) for c in (False, True)]
+    lines = grail.sweep.markdown_table(summary, runs).splitlines()
+    first = lines.index("| Method | 20% | 50% |")
+    assert lines[first + 1] == "|---|---|---|"
+    assert lines[first + 2] == "| flap | 0.4000 | 0.4000 |"

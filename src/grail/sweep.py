@@ -211,7 +211,7 @@ def markdown_table(summary: dict, runs: list[dict]) -> str:
             f"Zero-shot mean accuracy (acc over 6 tasks; first {summary['zero_shot_limit']} examples per task). "
             f"Dense: {dense['zero_shot']['mean_acc']:.4f}.",
             "",
-            head.replace("| Dataset ", "| "),
+            head.replace("| Dataset | ", "| "),
             rule[4:],
         ]
         labels = sorted({label for (_, label) in rows})
