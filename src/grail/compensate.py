@@ -146,7 +146,7 @@ class RidgeSystem:
         return cls(matrix, rhs, k, gram_pp.diagonal().mean().item(), prior)
 
     def solve(self, lam: float, where: str = "") -> ConsumerFit:
-        """The ridge fit ``(G[P, P] + lam mean(diag G[P, P]) I)`` (bias column unpenalised)."""
+        """The fit with ``lam * mean(diag G[P, P])`` added to the kept units' diagonal (not the bias's)."""
         k, penalty = self.kept_count, lam * self.scale
         a, rhs = self.matrix, self.rhs
         if penalty:
