@@ -56,22 +56,16 @@ def _boolq(root: Path) -> list[dict]:
 
 
 def _piqa(root: Path) -> list[dict]:
-    rows = _jsonl(root / "piqa" / "valid.jsonl")
-    labels = _labels(root / "piqa" / "valid-labels.lst")
-    _same_length(rows, labels, "piqa")
     return [
         {"goal": r["goal"], "sol1": r["sol1"], "sol2": r["sol2"], "label": int(y)}
-        for r, y in zip(rows, labels, strict=True)
+        for r, y in _labelled(root / "piqa", "valid", "piqa")
     ]
 
 
 def _winogrande(root: Path) -> list[dict]:
-    rows = _jsonl(root / "winogrande" / "dev.jsonl")
-    labels = _labels(root / "winogrande" / "dev-labels.lst")
-    _same_length(rows, labels, "winogrande")
     return [
         {"sentence": r["sentence"], "option1": r["option1"], "option2": r["option2"], "answer": str(y)}
-        for r, y in zip(rows, labels, strict=True)
+        for r, y in _labelled(root / "winogrande", "dev", "winogrande")
     ]
 
 
@@ -122,9 +116,12 @@ def _hellaswag(root: Path) -> list[dict]:
     return rows
 
 
-def _same_length(rows: list, labels: list, task: str) -> None:
+def _labelled(folder: Path, split: str, task: str) -> list[tuple[dict, str]]:
+    """Rows of ``<split>.jsonl`` paired with the lines of ``<split>-labels.lst`` (the AI2 layout)."""
+    rows, labels = _jsonl(folder / f"{split}.jsonl"), _labels(folder / f"{split}-labels.lst")
     if len(rows) != len(labels):
         raise GrailError(f"the local {task} rows ({len(rows)}) and labels ({len(labels)}) differ in number.")
+    return list(zip(rows, labels, strict=True))
 
 
 CONVERTERS: dict[str, Callable[[Path], list[dict]]] = {
