@@ -52,7 +52,27 @@ def test_harness_builds_its_own_prompts_from_the_local_tasks(data_dir, tmp_path)
     assert arc.doc_to_text(doc) == f"Question: {doc['question']}\nAnswer:"
     assert arc.doc_to_target(doc) == doc["choices"]["label"].index(doc["answerKey"])
     hella = tasks["grail_hellaswag"]
-    assert next(iter(hella.eval_docs))["query"].startswith("Roof shingle removal: A man is sitting on a roof.")
+    # The Hub row has ctx_a "A man is sitting on a roof." and ctx_b "he", which the harness capitalises.
+    assert next(iter(hella.eval_docs))["query"] == "Roof shingle removal: A man is sitting on a roof. He"
+
+
+# (ctx_a, ctx_b) of the Hub's HellaSwag validation rows 0, 1 and 8 (rowanz/hellaswag, hellaswag_val.jsonl).
+HUB_HELLASWAG = {
+    0: ("A man is sitting on a roof.", "he"),
+    1: ("A lady walks to a barbell. She bends down and grabs the pole.", "the lady"),
+    8: ("A man is holding a pocket knife while sitting on some rocks in the wilderness.", "then he"),
+}
+
+
+def test_hellaswag_context_split_matches_the_hub(data_dir):
+    rows = zs.CONVERTERS["hellaswag"](data_dir)
+    for index, (ctx_a, ctx_b) in HUB_HELLASWAG.items():
+        assert (rows[index]["ctx_a"], rows[index]["ctx_b"]) == (ctx_a, ctx_b)
+        assert rows[index]["ctx"] == f"{ctx_a} {ctx_b}"
+    # A context that ends in a full sentence (WikiHow rows) has no ctx_b; nor has one without a sentence end.
+    assert zs.split_hellaswag_context("How to sew. Thread the needle.") == ("How to sew. Thread the needle.", "")
+    assert zs.split_hellaswag_context("1 a guy") == ("1 a guy", "")
+    assert zs.split_hellaswag_context("He waves. Then he") == ("He waves. Then he", "")
 
 
 def test_missing_harness_names_the_extra(monkeypatch):

@@ -7,16 +7,21 @@ ARC-Challenge) are scored 0-shot by the harness's own log-likelihood multiple ch
 Offline (``data_dir``), each task's local file (the layout of the project's ``shared/data``)
 is converted to the Hub dataset's rows, and a task config is generated that *includes* the
 harness's built-in task config and only points it at the local file. Prompts,
-preprocessing and metrics are therefore the harness's own. One known difference: the local
-HellaSwag copy is a derived text format whose context lost the ``ctx_a``/``ctx_b`` split,
-so the harness cannot capitalise ``ctx_b``; its accuracies can differ slightly from the
-Hub version's.
+preprocessing and metrics are therefore the harness's own.
+
+The local HellaSwag copy is a derived text format that keeps only ``ctx = ctx_a + " " + ctx_b``.
+The harness builds its query from ``ctx_a + " " + ctx_b.capitalize()``, so the split is
+recovered where it shows: a context ending in a lower-case fragment after its last sentence
+(the ActivityNet rows) has that fragment as ``ctx_b``. Contexts that end in a full sentence
+(the WikiHow rows, whose ``ctx_b`` is empty on the Hub) are ``ctx_a`` alone. A few rows
+whose final fragment follows no sentence end keep an empty ``ctx_b`` and stay uncapitalised.
 """
 
 from __future__ import annotations
 
 import bz2
 import json
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -89,6 +94,16 @@ def _arc(name: str) -> Callable[[Path], list[dict]]:
     return convert
 
 
+# A lower-case fragment after the last sentence end: HellaSwag's ctx_b (ActivityNet rows).
+_CTX_B = re.compile(r"^(?P<a>.*[.!?])\s+(?P<b>[a-z][^.!?]*)$")
+
+
+def split_hellaswag_context(context: str) -> tuple[str, str]:
+    """``(ctx_a, ctx_b)`` of a HellaSwag context joined as ``ctx_a + " " + ctx_b``."""
+    match = _CTX_B.match(context)
+    return (match["a"], match["b"]) if match else (context, "")
+
+
 def _hellaswag(root: Path) -> list[dict]:
     # Six lines per task: "activity_label: context", the gold label, four endings.
     with bz2.open(root / "hellaswag" / "hellaswag_val_full.txt.bz2", "rt", encoding="utf-8") as f:
@@ -102,12 +117,13 @@ def _hellaswag(root: Path) -> list[dict]:
     rows = []
     for i in range(0, len(lines), 6):
         activity, _, context = lines[i].partition(": ")
+        ctx_a, ctx_b = split_hellaswag_context(context)
         rows.append(
             {
                 "ind": i // 6,
                 "activity_label": activity,
-                "ctx_a": context,
-                "ctx_b": "",
+                "ctx_a": ctx_a,
+                "ctx_b": ctx_b,
                 "ctx": context,
                 "endings": lines[i + 2 : i + 6],
                 "label": lines[i + 1].strip(),
