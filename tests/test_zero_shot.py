@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import builtins
 import json
+from pathlib import Path
 
 import pytest
 
@@ -56,20 +57,77 @@ def test_harness_builds_its_own_prompts_from_the_local_tasks(data_dir, tmp_path)
     assert next(iter(hella.eval_docs))["query"] == "Roof shingle removal: A man is sitting on a roof. He"
 
 
-# (ctx_a, ctx_b) of the Hub's HellaSwag validation rows 0, 1 and 8 (rowanz/hellaswag, hellaswag_val.jsonl).
+# HellaSwag validation rows 0, 1 and 8 as the Hub has them (rowanz/hellaswag, hellaswag_val.jsonl).
 HUB_HELLASWAG = {
-    0: ("A man is sitting on a roof.", "he"),
-    1: ("A lady walks to a barbell. She bends down and grabs the pole.", "the lady"),
-    8: ("A man is holding a pocket knife while sitting on some rocks in the wilderness.", "then he"),
+    0: {
+        "activity_label": "Roof shingle removal",
+        "ctx_a": "A man is sitting on a roof.",
+        "ctx_b": "he",
+        "endings": [
+            "is using wrap to wrap a pair of skis.",
+            "is ripping level tiles off.",
+            "is holding a rubik's cube.",
+            "starts pulling up roofing on a roof.",
+        ],
+        "label": "3",
+    },
+    1: {
+        "activity_label": "Clean and jerk",
+        "ctx_a": "A lady walks to a barbell. She bends down and grabs the pole.",
+        "ctx_b": "the lady",
+        "endings": [
+            "swings and lands in her arms.",
+            "pulls the barbell forward.",
+            "pulls a rope attached to the barbell.",
+            "stands and lifts the weight over her head.",
+        ],
+        "label": "3",
+    },
+    8: {
+        "activity_label": "Sharpening knives",
+        "ctx_a": "A man is holding a pocket knife while sitting on some rocks in the wilderness.",
+        "ctx_b": "then he",
+        "endings": [
+            "opens a can of oil put oil on the knife, and puts oil on a knife and press it through a can filled "
+            "with oil then cuts several pieces from the sandwiches.",
+            "takes a small stone from the flowing river and smashes it on another stone.",
+            "uses the knife to shave his leg.",
+            "sand the rocks and tops them by using strong pressure.",
+        ],
+        "label": "1",
+    },
 }
 
 
-def test_hellaswag_context_split_matches_the_hub(data_dir):
-    rows = zs.CONVERTERS["hellaswag"](data_dir)
-    for index, (ctx_a, ctx_b) in HUB_HELLASWAG.items():
-        assert (rows[index]["ctx_a"], rows[index]["ctx_b"]) == (ctx_a, ctx_b)
-        assert rows[index]["ctx"] == f"{ctx_a} {ctx_b}"
+def test_hellaswag_requests_equal_the_hub_rows(data_dir, tmp_path):
+    """The harness's own hellaswag config gives the same prompt, choices and answer on the Hub rows
+    as on the rows converted from the local copy."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    hub_file = tmp_path / "hub.jsonl"
+    hub_rows = [row | {"ind": i, "ctx": f"{row['ctx_a']} {row['ctx_b']}"} for i, row in HUB_HELLASWAG.items()]
+    hub_file.write_text("".join(json.dumps(r) + "\n" for r in hub_rows))
+    builtin_root = Path(lm_eval.__file__).parent / "tasks"
+    (tmp_path / "hub_hellaswag.yaml").write_text(zs.task_config("hellaswag", "hub_hellaswag", hub_file, builtin_root))
+    zs.write_local_tasks(data_dir, tmp_path, ("hellaswag",))
+    tasks = get_task_dict(
+        ["hub_hellaswag", "grail_hellaswag"], TaskManager(include_path=str(tmp_path), include_defaults=False)
+    )
+    hub_docs = list(tasks["hub_hellaswag"].eval_docs)
+    local_docs = list(tasks["grail_hellaswag"].eval_docs)
+    task = tasks["hub_hellaswag"]
+    for hub_doc, index in zip(hub_docs, HUB_HELLASWAG, strict=True):
+        local_doc = local_docs[index]
+        assert task.doc_to_text(local_doc) == task.doc_to_text(hub_doc)
+        assert task.doc_to_choice(local_doc) == task.doc_to_choice(hub_doc)
+        assert task.doc_to_target(local_doc) == task.doc_to_target(hub_doc)
+    assert task.doc_to_text(hub_docs[2]).endswith("in the wilderness. Then he")
+
+
+def test_hellaswag_context_split():
     # A context that ends in a full sentence (WikiHow rows) has no ctx_b; nor has one without a sentence end.
+    assert zs.split_hellaswag_context("A man waves. then he") == ("A man waves.", "then he")
     assert zs.split_hellaswag_context("How to sew. Thread the needle.") == ("How to sew. Thread the needle.", "")
     assert zs.split_hellaswag_context("1 a guy") == ("1 a guy", "")
     assert zs.split_hellaswag_context("He waves. Then he") == ("He waves. Then he", "")

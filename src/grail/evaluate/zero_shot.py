@@ -160,6 +160,27 @@ def require_lm_eval():
     return lm_eval
 
 
+def task_config(task: str, name: str, data_file: Path, builtin_root: Path) -> str:
+    """A harness task config named ``name``: the built-in config of ``task``, reading ``data_file``."""
+    builtin, split = _BUILTIN[task]
+    # json.dumps quotes paths and names as valid YAML scalars.
+    config = [
+        f"include: {json.dumps(str(builtin_root / builtin))}",
+        f"task: {name}",
+        "tag: []",
+        "dataset_path: json",
+        "dataset_name: null",
+        "dataset_kwargs:",
+        "  keep_in_memory: true",
+        "  data_files:",
+        f"    {split}: {json.dumps(str(data_file))}",
+        "training_split: null",
+        f"validation_split: {'validation' if split == 'validation' else 'null'}",
+        f"test_split: {'test' if split == 'test' else 'null'}",
+    ]
+    return "\n".join(config) + "\n"
+
+
 def write_local_tasks(data_dir: Path, out_dir: Path, tasks: tuple[str, ...] = TASKS) -> dict[str, str]:
     """Convert the local files and write one task config per task; returns task -> harness task name."""
     lm_eval = require_lm_eval()
@@ -174,24 +195,8 @@ def write_local_tasks(data_dir: Path, out_dir: Path, tasks: tuple[str, ...] = TA
             ) from None
         data_file = out_dir / f"{task}.jsonl"
         data_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-        builtin, split = _BUILTIN[task]
         name = f"grail_{task}"
-        # json.dumps quotes paths and names as valid YAML scalars.
-        config = [
-            f"include: {json.dumps(str(builtin_root / builtin))}",
-            f"task: {name}",
-            "tag: []",
-            "dataset_path: json",
-            "dataset_name: null",
-            "dataset_kwargs:",
-            "  keep_in_memory: true",
-            "  data_files:",
-            f"    {split}: {json.dumps(str(data_file))}",
-            "training_split: null",
-            f"validation_split: {'validation' if split == 'validation' else 'null'}",
-            f"test_split: {'test' if split == 'test' else 'null'}",
-        ]
-        (out_dir / f"{name}.yaml").write_text("\n".join(config) + "\n")
+        (out_dir / f"{name}.yaml").write_text(task_config(task, name, data_file, builtin_root))
         names[task] = name
     return names
 
