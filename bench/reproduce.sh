@@ -25,9 +25,9 @@ grail sweep "${COMMON[@]}" "${SMALL[@]}" --nsamples 16 --out results/obs_wandapp
 # 5. Grouped-query attention: query-head bundles instead of whole key/value groups (group rows: sweep 2).
 grail sweep "${COMMON[@]}" "${SMALL[@]}" --nsamples 16 --out results/flap_query --methods flap,wanda_sp \
   --attention_unit query --ratios 0.1,0.2,0.3,0.5,0.7 --variants plain
-# 6. Zero-shot mean accuracy (first 50 examples per task), dense and at 20% / 50%.
-grail sweep "${COMMON[@]}" "${SMALL[@]}" --nsamples 16 --out results/zero_shot --methods flap,wanda_sp \
-  --ratios 0.2,0.5 --lambdas auto --zero_shot --zero_shot_limit 50
+# 6. Zero-shot accuracy (first 200 examples per task), dense and at 20% / 50%, plain and with GRAIL (auto).
+grail sweep "${COMMON[@]}" "${SMALL[@]}" --nsamples 16 --out results/zero_shot_200 \
+  --methods flap,wanda_sp,slimgpt,wanda_pp_sp --ratios 0.2,0.5 --lambdas auto --zero_shot --zero_shot_limit 200
 # 7. The lambda table again with 128 calibration windows (wanda_sp).
 grail sweep "${COMMON[@]}" "${SMALL[@]}" --nsamples 128 --out results/lambda_128 --methods wanda_sp \
   --ratios 0.1,0.5 --lambdas 0,0.001,auto

@@ -28,7 +28,9 @@ def test_local_files_become_hub_shaped_rows(data_dir):
     assert {t: len(r) for t, r in rows.items()} == EXPECTED_ROWS
     first = rows["boolq"][0]
     assert set(first) == {"question", "passage", "idx", "label"} and isinstance(first["label"], int)
-    assert " -- " in first["passage"]
+    # The Hub's super_glue/boolq validation row 0: the passage starts with its title, the answer is "no".
+    assert first["question"] == "does ethanol take more energy make that produces"
+    assert first["passage"].startswith("Ethanol fuel -- All biomass goes through") and first["label"] == 0
     assert all(isinstance(r["label"], int) and r["label"] in (0, 1) for r in rows["piqa"])
     assert {r["answer"] for r in rows["winogrande"]} == {"1", "2"}
     challenge = rows["arc_challenge"][0]
