@@ -9,13 +9,16 @@ Reports, measured in one process on the same model and calibration windows:
   is reset just before) divided by the model's size in memory; ``prune_extra_rss_ratio``
   counts only the growth during pruning (the interpreter, libraries and tokenizer excluded).
 
-    python bench/bench_core.py --data_dir ../shared/data --method wanda_sp --ratio 0.3 --compensate
+    python bench/bench_core.py --data_dir ../shared/data --prune_method wanda_sp --pruning_ratio 0.3 --compensate
+
+It takes every flag of the main command (``grail --help``), with a smaller default setting
+(Wanda-SP at 30%, 32 windows of 512 tokens, lambda 0, CPU); ``--output_json`` writes the figures.
 
 On a GPU (``--device cuda --dtype bfloat16``) it also reports the peak GPU memory allocated
 while pruning, over the model's size:
 
     python bench/bench_core.py --model TinyLlama/TinyLlama-1.1B-Chat-v1.0 --device cuda --dtype bfloat16 \
-        --method flap --ratio 0.3 --compensate --nsamples 128 --seqlen 2048
+        --prune_method flap --pruning_ratio 0.3 --compensate --nsamples 128 --seqlen 2048
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from pathlib import Path
 import torch
 
 import grail
-from grail.models.loading import model_bytes
+from grail.cli import add_config_options, config_from_args
+from grail.models.loading import model_bytes, torch_dtype
 from grail.timing import Timer
 
 
@@ -70,39 +74,22 @@ def plain_forward_seconds(model, windows: torch.Tensor, batch_size: int) -> floa
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--data_dir", default=None)
-    p.add_argument("--method", default="wanda_sp")
-    p.add_argument("--ratio", type=float, default=0.3)
-    p.add_argument("--nsamples", type=int, default=32)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--compensate", action="store_true")
-    p.add_argument("--ridge_lambda", default="0", help="a number or 'auto'")
-    p.add_argument("--extra", default="{}", help="JSON of further PruneConfig fields")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--json", default=None, help="also write the figures to this file")
-    args = p.parse_args()
+    add_config_options(p)  # every flag of the main command, declared once in grail.config
+    # The benchmark's own small default setting.
+    p.set_defaults(prune_method="wanda_sp", pruning_ratio=0.3, nsamples=32, seqlen=512, ridge_lambda=0.0, device="cpu")
+    run_config = config_from_args(p.parse_args())
+    config = run_config.prune
     torch.manual_seed(0)
 
-    device = torch.device(args.device)
-    model, tokenizer = grail.load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
+    device = torch.device(run_config.device)
+    model, tokenizer = grail.load_model(run_config.model, dtype=torch_dtype(run_config.dtype), device=device)
     size = model_bytes(model)
-    windows, _ = grail.calibration_data(tokenizer, "wikitext2", args.nsamples, args.seqlen, data_dir=args.data_dir)
-    plain_forward_seconds(model, windows[: args.batch_size], args.batch_size)  # warm-up
-    two_passes = plain_forward_seconds(model, windows, args.batch_size) + plain_forward_seconds(
-        model, windows, args.batch_size
+    windows, _ = grail.calibration_data(
+        tokenizer, run_config.dataset, config.nsamples, run_config.seqlen, data_dir=run_config.data_dir
     )
-    config = grail.PruneConfig(
-        prune_method=args.method,
-        pruning_ratio=args.ratio,
-        nsamples=args.nsamples,
-        compensate=args.compensate,
-        ridge_lambda=args.ridge_lambda if args.ridge_lambda == "auto" else float(args.ridge_lambda),
-        calib_batch_size=args.batch_size,
-        **json.loads(args.extra),
-    )
+    batch = config.calib_batch_size
+    plain_forward_seconds(model, windows[:batch], batch)  # warm-up
+    two_passes = plain_forward_seconds(model, windows, batch) + plain_forward_seconds(model, windows, batch)
     timer = Timer()
     reset_peak_rss()
     rss_before = rss_bytes()
@@ -115,11 +102,12 @@ def main() -> None:
     prune_seconds = time.perf_counter() - start
     peak_rss = peak_rss_bytes()
     figures = {
-        "method": args.method,
-        "ratio": args.ratio,
-        "compensate": args.compensate,
-        "nsamples": args.nsamples,
-        "seqlen": args.seqlen,
+        "method": config.prune_method,
+        "ratio": config.pruning_ratio,
+        "compensate": config.compensate,
+        "ridge_lambda": config.ridge_lambda,
+        "nsamples": config.nsamples,
+        "seqlen": run_config.seqlen,
         "threads": torch.get_num_threads(),
         "two_plain_forward_s": round(two_passes, 3),
         "prune_total_s": round(prune_seconds, 3),
@@ -133,15 +121,15 @@ def main() -> None:
         "prune_extra_rss_ratio": round((peak_rss - rss_before) / size, 3),
         "removed_fraction": round(report.removed_fraction, 4),
         "device": str(device),
-        "dtype": args.dtype,
+        "dtype": run_config.dtype,
     }
     if device.type == "cuda":
         peak_gpu = torch.cuda.max_memory_allocated(device)
         figures["peak_gpu_mib"] = round(peak_gpu / 2**20, 1)
         figures["peak_gpu_ratio"] = round(peak_gpu / size, 3)
     print(json.dumps(figures, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
+    if run_config.output_json:
+        with open(run_config.output_json, "w") as f:
             json.dump(figures, f, indent=2)
 
 

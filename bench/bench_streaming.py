@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from grail.cli import add_config_options, config_from_args
+
 
 def write_synthetic(
     folder: Path, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int
@@ -92,7 +94,6 @@ def _status(key: str) -> int:
 
 def child(args: argparse.Namespace) -> None:
     """Runs in a fresh process: prune the synthetic model in streaming mode, print figures as JSON."""
-    import grail
     from grail import distributed
     from grail.streaming import prune_streaming
 
@@ -103,14 +104,7 @@ def child(args: argparse.Namespace) -> None:
         LlamaForCausalLM(LlamaConfig(num_hidden_layers=1))
     torch.manual_seed(0)
     windows = torch.randint(0, args.vocab, (args.nsamples, args.seqlen))
-    config = grail.PruneConfig(
-        prune_method=args.method,
-        pruning_ratio=args.ratio,
-        nsamples=args.nsamples,
-        compensate=True,
-        ridge_lambda=0.0,
-        calib_batch_size=args.batch_size,
-    )
+    config = args.prune
     baseline = _status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark
     start = time.perf_counter()
@@ -130,14 +124,21 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv_heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--method", default="wanda_sp")
-    p.add_argument("--ratio", type=float, default=0.3)
-    p.add_argument("--nsamples", type=int, default=8)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--batch_size", type=int, default=4)
+    add_config_options(p)  # the pruning flags of the main command, declared once in grail.config
+    # The benchmark's own default setting: compensation at lambda 0, small calibration set.
+    p.set_defaults(
+        prune_method="wanda_sp",
+        pruning_ratio=0.3,
+        nsamples=8,
+        seqlen=512,
+        calib_batch_size=4,
+        compensate=True,
+        ridge_lambda=0.0,
+    )
     p.add_argument("--torchrun", type=int, default=0, help="also time the run with this many CPU processes")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.prune = config_from_args(args).prune
     args.result = args.result or args.out.with_name(args.out.name + "-pruned")
     if args.child:
         child(args)

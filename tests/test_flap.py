@@ -4,12 +4,13 @@ reference computed from stored dense activations, and the number of calibration 
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
 from conftest import random_windows, tiny_model
 
-from grail import PruneConfig, prune_model
+from grail import FLAPOptions, PruneConfig, prune_model
 from grail.errors import GrailError
 from grail.methods.flap import flap_column_scores, global_cut, standardize
 from grail.models.arch import arch_for, layer_shape
@@ -52,7 +53,13 @@ def _largest_unit_cost(model, unit):
 @pytest.mark.parametrize("ratio", [0.2, 0.5])
 def test_adaptive_allocation_hits_the_parameter_budget(unit, ratio):
     model = tiny_model("llama", 6, 2, layers=4)
-    config = PruneConfig(prune_method="flap", structure="AL-AM", pruning_ratio=ratio, nsamples=6, attention_unit=unit)
+    config = PruneConfig(
+        prune_method="flap",
+        method_options=FLAPOptions(structure="AL-AM"),
+        pruning_ratio=ratio,
+        nsamples=6,
+        attention_unit=unit,
+    )
     report = prune_model(model, random_windows(6, 24), config, progress=False)
     removed = report.params_before - report.params_after
     assert abs(removed - ratio * report.params_before) <= _largest_unit_cost(tiny_model("llama", 6, 2), unit) / 2 + 1
@@ -64,7 +71,10 @@ def test_manual_module_structures_remove_the_requested_heads():
     for structure, remove_heads in (("AL-MM", 5), ("UL-MM", 8)):
         model = copy.deepcopy(base)
         config = PruneConfig(
-            prune_method="flap", structure=structure, remove_heads=remove_heads, pruning_ratio=0.3, nsamples=6
+            prune_method="flap",
+            method_options=FLAPOptions(structure=structure, remove_heads=remove_heads),
+            pruning_ratio=0.3,
+            nsamples=6,
         )
         report = prune_model(model, windows, config, progress=False)
         attn = [b for b in report.blocks if b["block"] == "attn"]
@@ -73,7 +83,12 @@ def test_manual_module_structures_remove_the_requested_heads():
             assert all(b["units"] - b["kept"] == 2 for b in attn)
         assert report.removed_fraction == pytest.approx(0.3, abs=0.01)
     with pytest.raises(GrailError, match="exceeds"):
-        config = PruneConfig(prune_method="flap", structure="AL-MM", remove_heads=99, pruning_ratio=0.3, nsamples=6)
+        config = PruneConfig(
+            prune_method="flap",
+            method_options=FLAPOptions(structure="AL-MM", remove_heads=99),
+            pruning_ratio=0.3,
+            nsamples=6,
+        )
         prune_model(copy.deepcopy(base), windows, config, progress=False)
 
 
@@ -132,16 +147,21 @@ def test_calibration_passes_per_structure():
     """Adaptive structures score in one dense pass and need no other without compensation."""
     model = tiny_model("llama", 4, 2, layers=3)
     windows = random_windows(4, 16)
-    # layer passes per layer, at most: stats before attention, stats before the MLP, outputs
-    most = {("AL-AM", False): 1, ("AL-AM", True): 1 + 3, ("UL-UM", False): 3, ("UL-UM", True): 3}
-    for (structure, compensate), passes in most.items():
+    # One dense scoring pass per layer (adaptive structures); then, unless the adaptive plan
+    # without compensation needs nothing more, one statistics pass per pruned block and one
+    # outputs pass per layer but the last.
+    for structure, compensate in itertools.product(("AL-AM", "UL-UM"), (False, True)):
         config = PruneConfig(
-            prune_method="flap", structure=structure, pruning_ratio=0.5, nsamples=4, compensate=compensate
+            prune_method="flap",
+            method_options=FLAPOptions(structure=structure),
+            pruning_ratio=0.5,
+            nsamples=4,
+            compensate=compensate,
         )
         report = prune_model(copy.deepcopy(model), windows, config, progress=False)
-        assert report.layer_passes <= passes * 3, (structure, compensate)
-        if (structure, compensate) == ("AL-AM", False):
-            assert report.layer_passes == 3
+        adaptive = structure == "AL-AM"
+        passes = 3 * adaptive + (len(report.blocks) + 2) * (compensate or not adaptive)
+        assert report.layer_passes == passes, (structure, compensate)
 
 
 def test_flap_bias_compensation_adds_biases_and_can_be_turned_off():
@@ -158,3 +178,36 @@ def test_flap_bias_compensation_adds_biases_and_can_be_turned_off():
         )
         layer = arch.decoder_layers(m)[0]
         assert (arch.mlp_linears(layer)[2].bias is not None) == expected
+
+
+def _kept_columns(dense, pruned):
+    """Columns of a dense consumer that survive, unchanged, in the pruned consumer (plain pruning)."""
+    return [int((dense.weight == col.unsqueeze(1)).all(dim=0).nonzero()[0]) for col in pruned.weight.T]
+
+
+def test_flap_mean_bias_is_the_removed_columns_mean_contribution():
+    """Plain FLAP (default structure, no GRAIL): each consumer keeps its columns and gains the bias
+    ``W[:, R] mean(h[R])``, the mean over the dense model's calibration inputs (computed here
+    from stored activations); once, not twice."""
+    model = tiny_model("llama", 4, 4, layers=2)
+    windows = random_windows(6, 24)
+    inputs = _dense_inputs(model, windows)
+    pruned = copy.deepcopy(model)
+    prune_model(pruned, windows, PruneConfig(prune_method="flap", pruning_ratio=0.4, nsamples=6), progress=False)
+    arch = arch_for(model.config)
+    checked = 0
+    for i in range(2):
+        dense_layer, pruned_layer = arch.decoder_layers(model)[i], arch.decoder_layers(pruned)[i]
+        for kind, pick in (
+            ("attn", lambda lay: arch.attention_linears(lay)[3]),
+            ("mlp", lambda lay: arch.mlp_linears(lay)[2]),
+        ):
+            dense, after = pick(dense_layer), pick(pruned_layer)
+            kept = _kept_columns(dense, after)
+            if len(kept) == dense.in_features:
+                continue
+            removed = [c for c in range(dense.in_features) if c not in kept]
+            expected = dense.weight.double()[:, removed] @ inputs[(i, kind)].mean(0)[removed]
+            torch.testing.assert_close(after.bias.double(), expected, rtol=1e-4, atol=1e-6)
+            checked += 1
+    assert checked >= 3

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_windows, tiny_model, tiny_tokenizer
+from conftest import random_windows, skip_or_fail, tiny_model, tiny_tokenizer
 from safetensors.torch import load_file
 
 import grail
 from grail.cli import main
 from grail.evaluate.perplexity import perplexity
-from grail.streaming import prune_streaming, streamed_perplexity
+from grail.streaming import prune_streaming, streamed_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ def _tensors(folder: Path) -> dict:
         {"prune_method": "flap", "compensate": True, "ridge_lambda": "auto"},
         {"prune_method": "wanda_sp", "compensate": True, "ridge_lambda": 0.0},
         {"prune_method": "slimgpt"},
-        {"prune_method": "flap", "structure": "UL-UM", "attention_unit": "query"},
+        {"prune_method": "flap", "method_options": grail.FLAPOptions(structure="UL-UM"), "attention_unit": "query"},
     ],
 )
 def test_streaming_equals_in_memory(tmp_path, config):
@@ -62,7 +62,8 @@ def test_streaming_equals_in_memory(tmp_path, config):
     reloaded, _ = grail.load_model(str(tmp_path / "streamed"))
     in_memory_ppl = perplexity(model, eval_windows, progress=False)
     assert perplexity(reloaded, eval_windows, progress=False) == pytest.approx(in_memory_ppl, rel=1e-5)
-    assert streamed_perplexity(tmp_path / "streamed", eval_windows, 2, "cpu", torch.float32) == pytest.approx(
+    streamed_pruned, layers = streamed_model(tmp_path / "streamed", "cpu", torch.float32)
+    assert perplexity(streamed_pruned, eval_windows, 2, progress=False, layer_source=layers) == pytest.approx(
         in_memory_ppl, rel=1e-5
     )
 
@@ -100,8 +101,9 @@ def test_offload_from_the_command_line(tmp_path, data_dir):
     assert main(["--model", str(source), "--offload", "--device", "cpu", "--pruning_ratio", "0.2"]) == 2
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_torchrun_with_two_processes_saves_the_single_process_checkpoint(tmp_path, data_dir):
+    if shutil.which("torchrun") is None:
+        skip_or_fail("torchrun not on PATH (it comes with torch)")
     source = _sharded_checkpoint(tmp_path / "dense")
     common = [
         "--model", str(source), "--prune_method", "wanda_sp", "--pruning_ratio", "0.4", "--nsamples", "6",

@@ -9,10 +9,11 @@ import pytest
 import torch
 from conftest import random_windows, tiny_model
 
-from grail import PruneConfig, prune_model
+from grail import PruneConfig, WandaPPOptions, prune_model
 from grail.calibration import capture_layer_inputs, iter_samples
-from grail.methods.wanda import WandaSP
-from grail.methods.wanda_pp import regional_gradients
+from grail.methods.base import LayerTransform, Method, UniformAllocation
+from grail.methods.regional import regional_gradients, regional_optimisation
+from grail.methods.wanda import WandaSelector
 from grail.models.arch import arch_for
 
 
@@ -46,13 +47,12 @@ def test_regional_gradient_equals_finite_differences_through_the_whole_model():
             assert grad[i, j].item() == pytest.approx((sum(squares) / 3) ** 0.5, rel=2e-3, abs=1e-8)
 
 
-class _ShiftingWanda(WandaSP):
-    """Wanda-SP whose finish_layer changes the consumers' kept columns, with compensation deferred."""
+class _Shift(LayerTransform):
+    """A layer transform that changes the consumers' kept columns after pruning."""
 
-    defer_compensation = True
     shift = 0.01
 
-    def finish_layer(self, layer, arch, calib, index):
+    def finish(self, layer, arch, calib, index):
         for lin in (arch.attention_linears(layer)[3], arch.mlp_linears(layer)[2]):
             lin.weight.data += self.shift
 
@@ -67,12 +67,13 @@ def test_deferred_compensation_keeps_what_the_method_did_to_the_kept_columns():
     )
     now, late = copy.deepcopy(model), copy.deepcopy(model)
     prune_model(now, windows, config, progress=False)
-    prune_model(late, windows, config, method=_ShiftingWanda(config), progress=False)
+    shifting = Method("wanda_sp", WandaSelector(), UniformAllocation(0.4), (_Shift(),), defer_compensation=True)
+    prune_model(late, windows, config, method=shifting, progress=False)
     arch = arch_for(model.config)
     # o_proj only: the MLP's statistics come after the attention, which the deferral changes
     a = arch.attention_linears(arch.decoder_layers(now)[0])[3].weight
     b = arch.attention_linears(arch.decoder_layers(late)[0])[3].weight
-    torch.testing.assert_close(b, a + _ShiftingWanda.shift, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b, a + _Shift.shift, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("compensate_first", [False, True])
@@ -84,9 +85,7 @@ def test_wanda_pp_end_to_end_on_a_tiny_model(compensate_first):
         pruning_ratio=0.4,
         nsamples=6,
         compensate=True,
-        compensate_first=compensate_first,
-        ro_iter=2,
-        ro_lr=1e-4,
+        method_options=WandaPPOptions(compensate_first=compensate_first, ro_iter=2, ro_lr=1e-4),
     )
     report = prune_model(model, windows, config, progress=False)
     assert report.removed_fraction == pytest.approx(0.4, abs=0.03)
@@ -96,6 +95,49 @@ def test_wanda_pp_end_to_end_on_a_tiny_model(compensate_first):
 
 def test_wanda_pp_runs_bfloat16_models_in_float32_layers():
     model = tiny_model("llama", 4, 2).to(torch.bfloat16)
-    config = PruneConfig(prune_method="wanda_pp_sp", pruning_ratio=0.3, nsamples=4, ro_iter=1)
+    config = PruneConfig(
+        prune_method="wanda_pp_sp", pruning_ratio=0.3, nsamples=4, method_options=WandaPPOptions(ro_iter=1)
+    )
     prune_model(model, random_windows(4, 16), config, progress=False)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_regional_optimisation_moves_the_layer_towards_the_dense_outputs():
+    model = tiny_model("llama", 4, 2, layers=1)
+    arch = arch_for(model.config)
+    layer = arch.decoder_layers(model)[0]
+    calib = capture_layer_inputs(model, arch, random_windows(4, 16), batch_size=2)
+    samples = [(h, kw) for _, h, kw in iter_samples(layer, calib, 4)]
+    with torch.no_grad():
+        targets = [layer(h, **kw)[0] if isinstance(layer(h, **kw), tuple) else layer(h, **kw) for h, kw in samples]
+        for lin in (arch.attention_linears(layer)[3], arch.mlp_linears(layer)[2]):
+            lin.weight.mul_(0.5)  # a damaged layer
+
+    def loss() -> float:
+        with torch.no_grad():
+            outs = [layer(h, **kw) for h, kw in samples]
+            outs = [o[0] if isinstance(o, tuple) else o for o in outs]
+            return sum(float(torch.nn.functional.mse_loss(o, t)) for o, t in zip(outs, targets, strict=True)) / 4
+
+    before = loss()
+    final = regional_optimisation(layer, samples, targets, rounds=3, lr=1e-3)
+    assert final < before and loss() < 0.9 * before
+
+
+def test_wanda_pp_regional_optimisation_changes_the_pruned_weights():
+    """The engine runs the transform: with RO the layer's weights differ from RO's zero rounds."""
+    model = tiny_model("llama", 4, 2, layers=1)
+    windows = random_windows(4, 16)
+    weights = []
+    for rounds in (0, 2):
+        config = PruneConfig(
+            prune_method="wanda_pp_sp",
+            pruning_ratio=0.3,
+            nsamples=4,
+            method_options=WandaPPOptions(ro_iter=rounds, ro_lr=1e-3),
+        )
+        pruned = copy.deepcopy(model)
+        prune_model(pruned, windows, config, progress=False)
+        weights.append(arch_for(model.config).decoder_layers(pruned)[0].mlp.up_proj.weight.clone())
+    assert weights[0].shape == weights[1].shape
+    assert (weights[0] - weights[1]).abs().max() > 1e-4

@@ -17,6 +17,8 @@ from __future__ import annotations
 from grail.config import PruneConfig, RunConfig
 from grail.engine import PruneReport, prune_model
 from grail.errors import GrailError
+from grail.methods.flap import FLAPOptions
+from grail.methods.wanda_pp import WandaPPOptions
 from grail.models.loading import load_model
 from grail.models.saving import save_pruned
 from grail.pipeline import calibration_data, evaluate_perplexity, run
@@ -24,10 +26,12 @@ from grail.pipeline import calibration_data, evaluate_perplexity, run
 __version__ = "0.1.0"
 
 __all__ = [
+    "FLAPOptions",
     "GrailError",
     "PruneConfig",
     "PruneReport",
     "RunConfig",
+    "WandaPPOptions",
     "calibration_data",
     "evaluate_perplexity",
     "load_model",

@@ -48,13 +48,29 @@ class Calibration:
     def n_samples(self) -> int:
         return sum(len(i) for i in self.ids)
 
-    def head(self, n_samples: int) -> Calibration:
+    def first_samples(self, n_samples: int) -> Calibration:
         """The batches holding samples below ``n_samples``, as separate lists (in-memory tensors are shared)."""
         keep = [b for b, ids in enumerate(self.ids) if int(ids[0]) < n_samples]
         hidden = [self.hidden[b] for b in keep]
         if self.spill_dir is not None:  # file-backed tensors are updated in place: copy them
             hidden = [_spill(h, Path(tempfile.mkdtemp(dir=self.spill_dir))) for h in hidden]
         return Calibration(hidden, [self.kwargs[b] for b in keep], [self.ids[b] for b in keep], self.spill_dir)
+
+
+class InMemoryLayers:
+    """A layer source whose decoder layers are already where they compute: nothing to load or release.
+
+    A layer source loads decoder layer ``index`` before it is used and releases it after
+    (:class:`grail.streaming.LayerStreamer` reads them from disk and writes pruned ones out).
+    """
+
+    resident = True  # every layer stays loaded, so a batch may go through all layers at once
+
+    def load(self, index: int, layer: nn.Module) -> None:
+        pass
+
+    def release(self, index: int, layer: nn.Module, write: bool) -> None:
+        pass
 
 
 def _spill(tensor: Tensor, folder: Path) -> Tensor:
@@ -137,10 +153,6 @@ def capture_layer_inputs(
 def layer_output(out) -> Tensor:
     """A decoder layer's hidden states, whether it returns a tensor or a tuple."""
     return out[0] if isinstance(out, tuple) else out
-
-
-def layer_device(layer: nn.Module) -> torch.device:
-    return next(layer.parameters()).device
 
 
 def layer_inputs(layer: nn.Module, hidden: Tensor, kwargs: dict) -> tuple[Tensor, dict]:

@@ -1,34 +1,72 @@
-"""Command line: the specification's flags, mapped onto :class:`RunConfig` and :func:`run`."""
+"""Command line: flags derived from the option declarations of :mod:`grail.config` and the methods."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from dataclasses import Field
 from pathlib import Path
 
-from grail.config import PruneConfig, RunConfig, available_methods
-from grail.data import DATA_DIR_ENV, DATASETS
+from grail.config import (
+    PruneConfig,
+    RunConfig,
+    declared_options,
+    default_of,
+    flag_name,
+    ridge_lambda_value,
+)
 from grail.errors import GrailError
+from grail.methods import METHODS
 
 log = logging.getLogger("grail")
 
 
-def _dataset_list(value: str) -> list[str]:
-    names = [v.strip() for v in value.split(",") if v.strip()]
-    for name in names:
-        if name not in DATASETS:
-            raise argparse.ArgumentTypeError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
-    return names
+def _add_option(group: argparse._ArgumentGroup, f: Field, method: str | None = None) -> None:
+    meta, default = f.metadata, default_of(f)
+    text = meta["help"]
+    if meta["choices"]:
+        text += f" (one of {', '.join(map(str, meta['choices']))})"
+    if method:
+        text += f"; {method} only"
+    if isinstance(default, bool):
+        action = "store_false" if default else "store_true"
+        group.add_argument(f"--{flag_name(f)}", dest=f.name, action=action, default=default, help=text)
+        return
+    # Choices and bounds are checked by the dataclasses, so every bad value gets the same one-line error.
+    parse = meta["parse"] or type(default)
+    group.add_argument(f"--{flag_name(f)}", dest=f.name, type=parse, default=default, help=text)
 
 
-def _ridge_lambda(value: str) -> float | str:
-    if value == "auto":
-        return value
-    try:
-        return float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {value!r}") from None
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """Add a flag for every declared option: the run's, pruning's, and every method's own."""
+    groups = {name: parser.add_argument_group(name) for name in ("core", "compensation", "evaluation and output")}
+
+    def group(name: str) -> argparse._ArgumentGroup:
+        if name not in groups:
+            groups[name] = parser.add_argument_group(name)
+        return groups[name]
+
+    for cls in (RunConfig, PruneConfig):
+        for f in declared_options(cls):
+            _add_option(group(f.metadata["group"]), f)
+    for name, method in sorted(METHODS.items()):
+        if method.options is not None:
+            for f in declared_options(method.options):
+                _add_option(group(f"{name} options"), f, name)
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The :class:`RunConfig` the parsed flags describe (validated on construction)."""
+
+    def values(cls: type) -> dict:
+        return {f.name: getattr(args, f.name) for f in declared_options(cls)}
+
+    method_options = {
+        name: method.options(**values(method.options)) for name, method in METHODS.items() if method.options
+    }
+    prune = PruneConfig(**values(PruneConfig), method_options=method_options)
+    return RunConfig(**values(RunConfig), prune=prune)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,130 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Structured pruning of LLaMA-family models with training-free GRAIL compensation.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    core = p.add_argument_group("core")
-    core.add_argument(
-        "--model", default="smollm2-135m", help="hub id, local folder, .gguf file, GRAIL checkpoint, or 'smollm2-135m'"
-    )
-    core.add_argument(
-        "--prune_method", default=PruneConfig.prune_method, help=f"one of {', '.join(available_methods())}"
-    )
-    core.add_argument(
-        "--pruning_ratio", type=float, default=0.5, help="share of the decoder's linear parameters to remove, in [0, 1)"
-    )
-    core.add_argument("--nsamples", type=int, default=128, help="calibration windows for the method's statistics")
-    core.add_argument("--dataset", default="wikitext2", choices=DATASETS, help="calibration dataset")
-    core.add_argument("--seqlen", type=int, default=2048, help="calibration and evaluation window length in tokens")
-    core.add_argument("--seed", type=int, default=0, help="seed for the calibration windows")
-    core.add_argument(
-        "--data_dir",
-        default=None,
-        help=f"local dataset folder laid out like shared/data (or ${DATA_DIR_ENV}); default: the Hub",
-    )
-    core.add_argument("--calib_batch_size", type=int, default=8, help="calibration windows per forward batch")
-    core.add_argument(
-        "--attention_unit",
-        default="group",
-        choices=("group", "query"),
-        help="attention unit under grouped-query attention: a key/value group, or a bundle of query heads (one per group)",
-    )
-
-    comp = p.add_argument_group("compensation")
-    comp.add_argument("--compensate", action="store_true", help="enable GRAIL compensation")
-    comp.add_argument(
-        "--ridge_lambda",
-        type=_ridge_lambda,
-        default=0.001,
-        help="ridge penalty, relative to the mean diagonal of the kept units' Gram matrix, or 'auto': chosen "
-        "per consumer on held-out calibration windows, keeping the uncompensated weights where compensation "
-        "does not help",
-    )
-    comp.add_argument(
-        "--ridge_prior",
-        default=None,
-        choices=("zero", "pruned"),
-        help="what the ridge penalty pulls the reconstruction towards: zero (the research code's ridge) or plain "
-        "pruning (only the removed units' reconstruction is penalised); default: pruned with --ridge_lambda auto, "
-        "zero with a fixed lambda",
-    )
-    comp.add_argument("--cv_folds", type=int, default=4, help="folds of calibration windows for --ridge_lambda auto")
-    comp.add_argument(
-        "--comp_nsamples",
-        type=int,
-        default=None,
-        help="calibration windows for the Gram matrices (default: --nsamples)",
-    )
-    comp.add_argument(
-        "--no_bias_compensation",
-        action="store_true",
-        help="add no bias to o_proj/down_proj (neither FLAP's mean bias nor the affine fit's intercept)",
-    )
-    comp.add_argument(
-        "--grail_fit",
-        default="affine",
-        choices=("affine", "linear", "seed"),
-        help="affine: fit with an intercept that becomes a bias; linear: no intercept; seed: linear fit plus the method's mean bias (the research code's convention, for comparison)",
-    )
-
-    flap = p.add_argument_group("FLAP")
-    flap.add_argument("--metrics", default="WIFV", choices=("IFV", "WIFV", "WIFN"), help="FLAP importance metric")
-    flap.add_argument(
-        "--structure", default="AL-AM", choices=("UL-UM", "UL-MM", "AL-MM", "AL-AM"), help="FLAP allocation structure"
-    )
-    flap.add_argument(
-        "--remove_heads", type=int, default=8, help="attention units to remove in total (FLAP UL-MM / AL-MM)"
-    )
-
-    wpp = p.add_argument_group("Wanda++")
-    wpp.add_argument("--ro_iter", type=int, default=5, help="regional optimisation rounds")
-    wpp.add_argument("--ro_lr", type=float, default=3e-7, help="regional optimisation learning rate")
-    wpp.add_argument("--compensate_first", action="store_true", help="apply compensation before regional optimisation")
-    wpp.add_argument("--alpha", type=float, default=100.0, help="regional gradient score weight")
-
-    ev = p.add_argument_group("evaluation and output")
-    ev.add_argument("--eval", action="store_true", help="perplexity on the calibration dataset's evaluation split")
-    ev.add_argument(
-        "--eval_dataset", type=_dataset_list, default=None, help="comma-separated datasets to evaluate (implies --eval)"
-    )
-    ev.add_argument(
-        "--eval_samples", type=int, default=None, help="evaluate on the first N windows only (default: all)"
-    )
-    ev.add_argument("--eval_batch_size", type=int, default=16, help="windows per evaluation batch")
-    ev.add_argument(
-        "--zero_shot",
-        action="store_true",
-        help="0-shot accuracy on boolq, piqa, hellaswag, winogrande, arc_easy, arc_challenge (lm-evaluation-harness)",
-    )
-    ev.add_argument(
-        "--zero_shot_limit", type=int, default=None, help="only the first N examples of each zero-shot task"
-    )
-    ev.add_argument(
-        "--device",
-        default=None,
-        help="cpu, cuda, cuda:N, or auto (accelerate spreads the layers over all GPUs); default: cuda when available",
-    )
-    ev.add_argument(
-        "--offload",
-        action="store_true",
-        help="stream decoder layers from the checkpoint's safetensors one at a time and write the pruned ones straight "
-        "into --save_model (automatic when the model does not fit in memory)",
-    )
-    ev.add_argument(
-        "--offload_activations",
-        default=None,
-        help="keep calibration activations in memory-mapped files in this folder (automatic, in a temporary folder, "
-        "when they do not fit in memory)",
-    )
-    ev.add_argument(
-        "--dtype",
-        default="float32",
-        choices=("float32", "bfloat16", "float16"),
-        help="weights and activations; statistics are always float64",
-    )
-    ev.add_argument(
-        "--save_model", default=None, help="write the pruned model (safetensors, tokenizer, config) to this new folder"
-    )
-    ev.add_argument("--output_json", default=None, help="write the results to this JSON file")
-    ev.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    add_config_options(p)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return p
 
 
@@ -198,64 +114,24 @@ def sweep_main(argv: list[str]) -> int:
         variants = {v.strip() for v in args.variants.split(",")}
         if not variants or not variants <= {"plain", "grail"}:
             raise GrailError(f"--variants takes plain and/or grail, got {args.variants!r}.")
+        try:
+            lambdas = tuple(ridge_lambda_value(v) for v in args.lambdas.split(","))
+        except ValueError:
+            raise GrailError(f"--lambdas takes comma-separated numbers or auto, got {args.lambdas!r}.") from None
         runs = grid(
             args.methods.split(","),
             args.ratios,
             tuple(v == "grail" for v in ("plain", "grail") if v in variants),
-            tuple(_ridge_lambda(v) for v in args.lambdas.split(",")),
+            lambdas,
             tuple(args.fits.split(",")),
         )
         summary = sweep(config_from_args(args), runs, args.out, progress=not args.quiet)
-    except (GrailError, argparse.ArgumentTypeError) as err:
+    except GrailError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print((Path(args.out) / "table.md").read_text())
     print(f"{len(summary['results'])} runs; results in {args.out}/sweep.json, plot in {args.out}/ppl.png")
     return 0
-
-
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    prune = PruneConfig(
-        prune_method=args.prune_method,
-        pruning_ratio=args.pruning_ratio,
-        nsamples=args.nsamples,
-        comp_nsamples=args.comp_nsamples,
-        compensate=args.compensate,
-        ridge_lambda=args.ridge_lambda,
-        cv_folds=args.cv_folds,
-        ridge_prior=args.ridge_prior,
-        grail_fit=args.grail_fit,
-        bias_compensation=not args.no_bias_compensation,
-        attention_unit=args.attention_unit,
-        calib_batch_size=args.calib_batch_size,
-        offload_activations=args.offload_activations,
-        seed=args.seed,
-        metrics=args.metrics,
-        structure=args.structure,
-        remove_heads=args.remove_heads,
-        ro_iter=args.ro_iter,
-        ro_lr=args.ro_lr,
-        compensate_first=args.compensate_first,
-        alpha=args.alpha,
-    )
-    return RunConfig(
-        model=args.model,
-        prune=prune,
-        dataset=args.dataset,
-        seqlen=args.seqlen,
-        data_dir=args.data_dir,
-        eval=args.eval,
-        eval_dataset=args.eval_dataset,
-        eval_samples=args.eval_samples,
-        eval_batch_size=args.eval_batch_size,
-        zero_shot=args.zero_shot,
-        zero_shot_limit=args.zero_shot_limit,
-        device=args.device,
-        dtype=args.dtype,
-        save_model=args.save_model,
-        output_json=args.output_json,
-        offload=args.offload,
-    )
 
 
 def _summary(results: dict) -> str:

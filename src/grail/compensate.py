@@ -38,8 +38,6 @@ from grail.errors import GrailError
 
 log = logging.getLogger(__name__)
 
-FITS = ("affine", "linear", "seed")
-PRIORS = ("zero", "pruned")  # what the ridge penalty pulls the reconstruction towards
 # Candidate penalties for --ridge_lambda auto: 0 and the decades 1e-5 ... 100. With the
 # pruned prior a large lambda approaches plain pruning, and with small calibration sets the
 # choice often lies above 1, so the grid reaches past it.
@@ -90,10 +88,6 @@ class Moments:
 
     def __sub__(self, other: Moments) -> Moments:
         return Moments(self.gram - other.gram, self.sums - other.sums, self.count - other.count)
-
-    @property
-    def mean(self) -> Tensor:
-        return self.sums / max(self.count, 1)
 
 
 @dataclass(frozen=True)
@@ -159,25 +153,6 @@ class RidgeSystem:
         return ConsumerFit(x[:k].T, x[k] if x.shape[0] > k else None, jitter)
 
 
-def fit_from_products(
-    gram_pp: Tensor,
-    sums_p: Tensor,
-    count: int,
-    wg: Tensor,
-    ws: Tensor,
-    lam: float,
-    affine: bool,
-    where: str = "",
-    prior: Tensor | None = None,
-) -> ConsumerFit:
-    """The ridge fit from its sufficient statistics (see :class:`RidgeSystem`).
-
-    ``gram_pp = G[P, P]``, ``sums_p = s[P]``, ``wg = W G[:, P]`` (O x K), ``ws = W s`` (O);
-    ``prior`` is ``W[:, P]`` when the penalty pulls towards plain pruning (else towards zero).
-    """
-    return RidgeSystem.from_products(gram_pp, sums_p, count, wg, ws, affine, prior).solve(lam, where)
-
-
 def fit_consumer(
     weight: Tensor,
     moments: Moments,
@@ -192,17 +167,16 @@ def fit_consumer(
     gram = moments.gram.to(w)
     kept = kept.to(w.device)
     sums = moments.sums.to(w)
-    return fit_from_products(
+    system = RidgeSystem.from_products(
         gram[kept][:, kept],
         sums[kept],
         moments.count,
         w @ gram[:, kept],
         w @ sums,
-        lam,
         affine,
-        where,
         w[:, kept] if prior == "pruned" else None,
     )
+    return system.solve(lam, where)
 
 
 def mean_bias_shift(weight: Tensor, mean: Tensor, kept: Tensor) -> Tensor:
@@ -265,7 +239,7 @@ def choose_lambda(
     ``err_f = tr(W G_f W^T) - 2 <W', W G_f[:, P]> + <W', W' G_f[P, P]>`` plus the bias terms
     of :func:`output_error`. ``W G_f[:, P]`` and ``tr(W G_f W^T)`` are computed once per fold,
     so each candidate costs one K x K factorisation per fold. ``fit`` is one of
-    :data:`FITS`; ``mean_bias`` adds FLAP's mean bias (from the training folds) to the
+    :data:`grail.config.FITS`; ``mean_bias`` adds FLAP's mean bias (from the training folds) to the
     uncompensated consumer and to the ``seed`` fit. The uncompensated consumer is scored
     the same way, for the guard.
 

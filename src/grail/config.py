@@ -1,101 +1,222 @@
-"""Configuration dataclasses, validated on construction and saved with every result."""
+"""Every option of a run, declared once: a dataclass field with its default, help and checks.
+
+The command line (:mod:`grail.cli`), validation, the results JSON's ``config`` and the
+benchmark scripts are all derived from these declarations. Each pruning method declares its
+own options the same way, in a :class:`MethodOptions` subclass registered with the method.
+
+This module imports nothing else from the package (only the base error class), so every
+other module can read the choices declared here.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import argparse
+import math
+from collections.abc import Callable
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
+from typing import Any, ClassVar
 
-from grail.compensate import FITS, PRIORS
-from grail.data import DATASETS
 from grail.errors import GrailError
-from grail.units import ATTENTION_UNITS
 
-# Methods of the specification; grail.methods.METHODS holds the ones this version implements.
-SPEC_METHODS = ("flap", "wanda_sp", "slimgpt", "wanda_pp_sp", "mag_sp")
+# Choices, declared here and read by the modules that implement them.
+METHODS = ("flap", "wanda_sp", "slimgpt", "wanda_pp_sp", "mag_sp")
+DATASETS = ("wikitext2", "ptb", "c4")
 DTYPES = ("float32", "bfloat16", "float16")
+FITS = ("affine", "linear", "seed")
+PRIORS = ("zero", "pruned")  # what the ridge penalty pulls the reconstruction towards
+ATTENTION_UNITS = ("group", "query")
+DATA_DIR_ENV = "GRAIL_DATA_DIR"
 
 
 class ConfigError(GrailError, ValueError):
     """An option has a value GRAIL cannot use."""
 
 
-def available_methods() -> list[str]:
-    from grail.methods import METHODS  # the registry imports this module
+def option(
+    default: Any,
+    help: str,
+    *,
+    group: str = "core",
+    choices: tuple | None = None,
+    minimum: float | None = None,
+    below: float | None = None,
+    parse: Callable[[str], Any] | None = None,
+    flag: str | None = None,
+    cli: bool = True,
+) -> Any:
+    """A dataclass field with what the command line and validation need to know about it.
 
-    return sorted(METHODS)
+    ``minimum``/``below`` bound numbers (``minimum <= value < below``, NaN rejected);
+    ``choices`` apply to each element of a list value; ``parse`` turns the flag's text into
+    the value (default: the type of ``default``); ``flag`` renames the flag (a boolean
+    whose default is True gets ``--no_<name>`` by default).
+    """
+    metadata = {
+        "help": help,
+        "group": group,
+        "choices": choices,
+        "minimum": minimum,
+        "below": below,
+        "parse": parse,
+        "flag": flag,
+        "cli": cli,
+    }
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
-def check_method(name: str) -> None:
-    available = available_methods()
-    if name in available:
-        return
-    if name in SPEC_METHODS:
-        raise ConfigError(
-            f"pruning method {name!r} is not available in this version; choose one of {', '.join(available)}."
-        )
-    raise ConfigError(f"unknown pruning method {name!r}; choose one of {', '.join(available)}.")
+def declared_options(cls: type) -> list[Field]:
+    """The fields of ``cls`` declared with :func:`option` (in declaration order)."""
+    return [f for f in fields(cls) if "help" in f.metadata]
+
+
+def flag_name(f: Field) -> str:
+    """The command-line flag of an option, without the dashes."""
+    if f.metadata["flag"]:
+        return f.metadata["flag"]
+    return f"no_{f.name}" if f.default is True else f.name
+
+
+def default_of(f: Field) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not MISSING else None
+
+
+def check_options(obj: Any) -> None:
+    """Check every declared option of ``obj`` against its choices and bounds."""
+    for f in declared_options(type(obj)):
+        value, meta, name = getattr(obj, f.name), f.metadata, f"--{flag_name(f)}"
+        if value is None:
+            continue
+        choices = meta["choices"]
+        for item in value if isinstance(value, list) else [value]:
+            if choices is not None and item not in choices:
+                raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}, got {item!r}.")
+        if (meta["minimum"] is None and meta["below"] is None) or isinstance(value, str):
+            continue
+        if not isinstance(value, int | float) or isinstance(value, bool) or math.isnan(value):
+            raise ConfigError(f"{name} must be a number, got {value!r}.")
+        low, high = meta["minimum"], meta["below"]
+        if (low is not None and value < low) or (high is not None and value >= high):
+            if low is not None and high is not None:
+                raise ConfigError(f"{name} must be in [{low:g}, {high:g}), got {value}.")
+            bound = f"at least {low:g}" if low is not None else f"below {high:g}"
+            raise ConfigError(f"{name} must be {bound}, got {value}.")
+
+
+def ridge_lambda_value(text: str) -> float | str:
+    """``--ridge_lambda``: a number, or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
+def dataset_list(text: str) -> list[str]:
+    """``--eval_dataset``: comma-separated dataset names."""
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """Options of one pruning method; each method declares a subclass with :func:`option` fields."""
+
+    method: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
 
 @dataclass
 class PruneConfig:
-    """How to prune and compensate. Field names follow the command-line flags."""
+    """How to prune and compensate. Field names are the command-line flags."""
 
-    prune_method: str = "flap"
-    pruning_ratio: float = 0.5
-    nsamples: int = 128  # calibration windows for the selector's statistics
-    comp_nsamples: int | None = None  # windows for the Gram matrices; None: same as nsamples
-    compensate: bool = False
-    ridge_lambda: float | str = 0.001  # relative to the mean diagonal of the kept Gram; or "auto"
-    cv_folds: int = 4  # folds of calibration samples for ridge_lambda="auto"
-    # What the penalty pulls the reconstruction towards: "zero" (the research code's ridge) or
-    # "pruned" (plain pruning); None: "pruned" with ridge_lambda="auto", else "zero".
-    ridge_prior: str | None = None
-    grail_fit: str = "affine"  # "affine" (with intercept), "linear", or "seed" (linear + mean bias)
-    bias_compensation: bool = True  # allow biases on o_proj/down_proj (FLAP's, or the affine intercept)
-    attention_unit: str = "group"  # "group" (key/value group) or "query" (bundles of query heads)
-    calib_batch_size: int = 8
-    # Folder for memory-mapped calibration activations (forces spilling; by default they
-    # spill to a temporary folder only when they do not fit in memory).
-    offload_activations: str | None = None
-    seed: int = 0
-    # FLAP
-    metrics: str = "WIFV"
-    structure: str = "AL-AM"
-    remove_heads: int = 8
-    # Wanda++
-    ro_iter: int = 5
-    ro_lr: float = 3e-7
-    compensate_first: bool = False
-    alpha: float = 100.0
+    prune_method: str = option("flap", "pruning method", choices=METHODS)
+    pruning_ratio: float = option(
+        0.5, "share of the decoder's linear parameters to remove, in [0, 1)", minimum=0.0, below=1.0
+    )
+    nsamples: int = option(128, "calibration windows for the method's statistics", minimum=1)
+    comp_nsamples: int | None = option(
+        None,
+        "calibration windows for the Gram matrices (default: --nsamples)",
+        group="compensation",
+        minimum=1,
+        parse=int,
+    )
+    compensate: bool = option(False, "enable GRAIL compensation", group="compensation")
+    ridge_lambda: float | str = option(
+        0.001,
+        "ridge penalty, relative to the mean diagonal of the kept units' Gram matrix, or 'auto': chosen per consumer "
+        "on held-out calibration windows, keeping the uncompensated weights where compensation does not help",
+        group="compensation",
+        parse=ridge_lambda_value,
+    )
+    cv_folds: int = option(4, "folds of calibration windows for --ridge_lambda auto", group="compensation", minimum=2)
+    ridge_prior: str | None = option(
+        None,
+        "what the ridge penalty pulls the reconstruction towards: zero (the research code's ridge) or plain pruning "
+        "(only the removed units' reconstruction is penalised); default: pruned with --ridge_lambda auto, zero with "
+        "a fixed lambda",
+        group="compensation",
+        choices=PRIORS,
+        parse=str,
+    )
+    grail_fit: str = option(
+        "affine",
+        "affine: fit with an intercept that becomes a bias; linear: no intercept; seed: linear fit plus the method's "
+        "mean bias (the research code's convention, for comparison)",
+        group="compensation",
+        choices=FITS,
+    )
+    bias_compensation: bool = option(
+        True,
+        "add no bias to o_proj/down_proj (neither FLAP's mean bias nor the affine fit's intercept)",
+        group="compensation",
+    )
+    attention_unit: str = option(
+        "group",
+        "attention unit under grouped-query attention: a key/value group, or a bundle of query heads (one per group)",
+        choices=ATTENTION_UNITS,
+    )
+    calib_batch_size: int = option(8, "calibration windows per forward batch", minimum=1)
+    offload_activations: str | None = option(
+        None,
+        "keep calibration activations in memory-mapped files in this folder (automatic, in a temporary folder, "
+        "when they do not fit in memory)",
+        group="evaluation and output",
+        parse=str,
+    )
+    seed: int = option(0, "seed for the calibration windows")
+    # The methods' own options (each method's MethodOptions), by method name; a method without
+    # an entry runs with its defaults. One MethodOptions, or a list of them, is accepted too.
+    method_options: dict[str, MethodOptions] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        check_method(self.prune_method)
-        if not 0.0 <= self.pruning_ratio < 1.0:
-            raise ConfigError(f"--pruning_ratio must be in [0, 1), got {self.pruning_ratio}.")
-        if self.nsamples < 1:
-            raise ConfigError(f"--nsamples must be at least 1, got {self.nsamples}.")
-        if self.comp_nsamples is not None and self.comp_nsamples < 1:
-            raise ConfigError(f"--comp_nsamples must be at least 1, got {self.comp_nsamples}.")
-        if self.ridge_lambda != "auto" and not (
-            isinstance(self.ridge_lambda, int | float) and self.ridge_lambda >= 0.0  # also rejects NaN
-        ):
+        if isinstance(self.method_options, MethodOptions):
+            self.method_options = {self.method_options.method: self.method_options}
+        elif isinstance(self.method_options, list | tuple):
+            self.method_options = {opts.method: opts for opts in self.method_options}
+        check_options(self)
+        if self.ridge_lambda != "auto" and not isinstance(self.ridge_lambda, int | float):
             raise ConfigError(f"--ridge_lambda must be 'auto' or a number >= 0, got {self.ridge_lambda!r}.")
-        if self.cv_folds < 2:
-            raise ConfigError(f"--cv_folds must be at least 2, got {self.cv_folds}.")
+        if self.ridge_lambda != "auto" and not self.ridge_lambda >= 0.0:  # also rejects NaN
+            raise ConfigError(f"--ridge_lambda must be 'auto' or a number >= 0, got {self.ridge_lambda!r}.")
         if self.compensate and self.ridge_lambda == "auto" and self.gram_nsamples < self.cv_folds:
             raise ConfigError(
                 f"--ridge_lambda auto holds out whole calibration windows: --comp_nsamples ({self.gram_nsamples}) "
                 f"must be at least --cv_folds ({self.cv_folds})."
             )
-        if self.ridge_prior is not None and self.ridge_prior not in PRIORS:
-            raise ConfigError(f"--ridge_prior must be one of {', '.join(PRIORS)}, got {self.ridge_prior!r}.")
-        if self.grail_fit not in FITS:
-            raise ConfigError(f"--grail_fit must be one of {', '.join(FITS)}, got {self.grail_fit!r}.")
-        if self.attention_unit not in ATTENTION_UNITS:
-            raise ConfigError(
-                f"--attention_unit must be one of {', '.join(ATTENTION_UNITS)}, got {self.attention_unit!r}."
-            )
-        if self.calib_batch_size < 1:
-            raise ConfigError(f"--calib_batch_size must be at least 1, got {self.calib_batch_size}.")
+        for name, opts in self.method_options.items():
+            if not isinstance(opts, MethodOptions) or opts.method != name:
+                raise ConfigError(f"method_options[{name!r}] must be the options of method {name!r}, got {opts!r}.")
+
+    def options_for(self, options_class: type[MethodOptions]) -> MethodOptions:
+        """The options of the method ``options_class`` belongs to (its defaults when not given)."""
+        return self.method_options.get(options_class.method) or options_class()
 
     @property
     def prior(self) -> str:
@@ -120,37 +241,65 @@ class PruneConfig:
 class RunConfig:
     """A whole run: model, calibration data, pruning, evaluation and outputs."""
 
-    model: str = "smollm2-135m"
+    model: str = option("smollm2-135m", "hub id, local folder, .gguf file, GRAIL checkpoint, or 'smollm2-135m'")
     prune: PruneConfig = field(default_factory=PruneConfig)
-    dataset: str = "wikitext2"
-    seqlen: int = 2048
-    data_dir: str | None = None
-    eval: bool = False
-    eval_dataset: list[str] | None = None
-    eval_samples: int | None = None
-    eval_batch_size: int = 16
-    zero_shot: bool = False
-    zero_shot_limit: int | None = None
-    device: str | None = None
-    dtype: str = "float32"
-    save_model: str | None = None
-    output_json: str | None = None
-    offload: bool = False  # stream decoder layers from disk (automatic when the model does not fit)
+    dataset: str = option("wikitext2", "calibration dataset", choices=DATASETS)
+    seqlen: int = option(2048, "calibration and evaluation window length in tokens", minimum=2)
+    data_dir: str | None = option(
+        None, f"local dataset folder laid out like shared/data (or ${DATA_DIR_ENV}); default: the Hub", parse=str
+    )
+    eval: bool = option(
+        False, "perplexity on the calibration dataset's evaluation split", group="evaluation and output"
+    )
+    eval_dataset: list[str] | None = option(
+        None,
+        "comma-separated datasets to evaluate (implies --eval)",
+        group="evaluation and output",
+        choices=DATASETS,
+        parse=dataset_list,
+    )
+    eval_samples: int | None = option(
+        None, "evaluate on the first N windows only (default: all)", group="evaluation and output", minimum=1, parse=int
+    )
+    eval_batch_size: int = option(16, "windows per evaluation batch", group="evaluation and output", minimum=1)
+    zero_shot: bool = option(
+        False,
+        "0-shot accuracy on boolq, piqa, hellaswag, winogrande, arc_easy, arc_challenge (lm-evaluation-harness)",
+        group="evaluation and output",
+    )
+    zero_shot_limit: int | None = option(
+        None, "only the first N examples of each zero-shot task", group="evaluation and output", minimum=1, parse=int
+    )
+    device: str | None = option(
+        None,
+        "cpu, cuda, cuda:N, or auto (accelerate spreads the layers over all GPUs); default: cuda when available",
+        group="evaluation and output",
+        parse=str,
+    )
+    dtype: str = option(
+        "float32",
+        "weights and activations; statistics are always float64",
+        group="evaluation and output",
+        choices=DTYPES,
+    )
+    save_model: str | None = option(
+        None,
+        "write the pruned model (safetensors, tokenizer, config) to this new folder",
+        group="evaluation and output",
+        parse=str,
+    )
+    output_json: str | None = option(
+        None, "write the results to this JSON file", group="evaluation and output", parse=str
+    )
+    offload: bool = option(
+        False,
+        "stream decoder layers from the checkpoint's safetensors one at a time and write the pruned ones straight "
+        "into --save_model (automatic when the model does not fit in memory)",
+        group="evaluation and output",
+    )
 
     def __post_init__(self) -> None:
-        for name in [self.dataset, *(self.eval_dataset or [])]:
-            if name not in DATASETS:
-                raise ConfigError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}.")
-        if self.seqlen < 2:
-            raise ConfigError(f"--seqlen must be at least 2, got {self.seqlen}.")
-        if self.eval_samples is not None and self.eval_samples < 1:
-            raise ConfigError(f"--eval_samples must be at least 1, got {self.eval_samples}.")
-        if self.zero_shot_limit is not None and self.zero_shot_limit < 1:
-            raise ConfigError(f"--zero_shot_limit must be at least 1, got {self.zero_shot_limit}.")
-        if self.eval_batch_size < 1:
-            raise ConfigError(f"--eval_batch_size must be at least 1, got {self.eval_batch_size}.")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
+        check_options(self)
 
     @property
     def eval_datasets(self) -> list[str]:

@@ -24,14 +24,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from grail.config import DATA_DIR_ENV, DATASETS
 from grail.errors import GrailError
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("wikitext2", "ptb", "c4")
 C4_EVAL_DOCS = 1100
 C4_EVAL_WINDOWS = 256
-DATA_DIR_ENV = "GRAIL_DATA_DIR"
 
 _OFFLINE_FILES = {
     ("wikitext2", "calibration"): "wikitext-2-raw-v1/wiki.valid.raw",

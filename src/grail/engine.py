@@ -11,24 +11,27 @@ the forward pass. Then, for each layer in order:
    the MLP's statistics are those it will see at inference;
 3. run the pruned layer once more; its outputs are the next layer's inputs.
 
-A block that loses no unit is left alone and costs no pass.
+A block that loses no unit is left alone and costs no pass. The engine knows no method by
+name: it drives each method's selector, allocator and layer transforms
+(:mod:`grail.methods.base`) and hands every consumer update to the
+:class:`~grail.policy.CompensationPolicy`.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from grail import distributed
-from grail.calibration import Calibration, capture_layer_inputs, run_layer
-from grail.compensate import add_bias, choose_lambda, fit_consumer, mean_bias_shift
+from grail.calibration import Calibration, InMemoryLayers, capture_layer_inputs, run_layer
 from grail.config import PruneConfig
 from grail.errors import GrailError
-from grail.methods import BlockContext, Decision, Method, make_method
+from grail.methods import Block, Decision, Evidence, Method, make_method
 from grail.models.arch import ArchSpec, arch_for, layer_shape, linear_param_count
+from grail.policy import CompensationPolicy
 from grail.stats import InputStats
 from grail.surgery import prune_attention, prune_mlp, set_consumer
 from grail.timing import Timer
@@ -77,61 +80,14 @@ class PruneReport:
         }
 
 
-def _consumer_update(
-    weight: Tensor,
-    bias: Tensor | None,
-    kept_columns: Tensor,
-    decision: Decision,
-    selection: InputStats | None,
-    gram_stats: InputStats | None,
-    config: PruneConfig,
-    mean_bias: bool,
-    where: str,
-) -> tuple[Tensor, Tensor | None, dict]:
-    """The consumer's new weight over the kept columns, its bias, and notes for the report."""
-    kept_columns = kept_columns.to(weight.device)
-    mean_shift = mean_bias_shift(weight, selection.mean, kept_columns) if mean_bias else None
-    if decision.weight is not None:  # the method's own update (SlimGPT) is the uncompensated consumer
-        plain_weight, plain_shift = decision.weight, decision.bias_shift
-    else:
-        plain_weight, plain_shift = weight[:, kept_columns], mean_shift
-    if not config.compensate:
-        return plain_weight, add_bias(bias, plain_shift), {}
-    affine = config.grail_fit == "affine" and config.bias_compensation
-    notes: dict = {}
-    lam = config.ridge_lambda
-    if lam == "auto":
-        fit_name = "affine" if affine else ("seed" if config.grail_fit == "seed" else "linear")
-        choice = choose_lambda(
-            weight, gram_stats.fold_moments(), kept_columns, fit_name, mean_bias, where=where, prior=config.prior
-        )
-        notes = {
-            "lambda": choice.lam,
-            "heldout_error": choice.heldout_error,
-            "plain_heldout_error": choice.plain_error,
-            "compensated": choice.compensate,
-        }
-        if not choice.compensate:  # the guard: keep the uncompensated consumer
-            return plain_weight, add_bias(bias, plain_shift), notes
-        lam = choice.lam
-    fit = fit_consumer(weight, gram_stats.moments(), kept_columns, lam, affine, where, config.prior)
-    if fit.jitter:
-        log.info("%s: kept units' Gram matrix singular; solved with jitter %.0e x its mean diagonal", where, fit.jitter)
-    shift = fit.bias_shift
-    if config.grail_fit == "seed":
-        shift = add_bias(shift, mean_shift)  # the research code's convention: mean bias on top
-    notes.update({"lambda": lam, "jitter": fit.jitter})
-    return fit.weight, add_bias(bias, shift), notes
-
-
-def block_contexts(arch: ArchSpec, index: int, layer: nn.Module, config: PruneConfig) -> dict[str, BlockContext]:
-    """The attention and MLP blocks of a layer, before any decision."""
+def layer_blocks(arch: ArchSpec, index: int, layer: nn.Module, attention_unit: str) -> dict[str, Block]:
+    """The attention and MLP blocks of a decoder layer."""
     shape = layer_shape(arch, layer)
     q, _, _, o = arch.attention_linears(layer)
     gate, _, down = arch.mlp_linears(layer)
     return {
-        "attn": BlockContext(index, "attn", shape, o, None, 0, config.attention_unit, q.bias is not None),
-        "mlp": BlockContext(index, "mlp", shape, down, None, 0, config.attention_unit, gate.bias is not None),
+        "attn": Block(index, "attn", shape, o, attention_unit, q.bias is not None),
+        "mlp": Block(index, "mlp", shape, down, attention_unit, gate.bias is not None),
     }
 
 
@@ -140,34 +96,24 @@ def _linear_params(arch: ArchSpec, layer: nn.Module) -> int:
     return sum(lin.weight.numel() + (lin.bias.numel() if lin.bias is not None else 0) for lin in linears)
 
 
-class InMemoryLayers:
-    """Decoder layers that are already where they compute: nothing to load or release."""
-
-    def load(self, index: int, layer: nn.Module) -> None:
-        pass
-
-    def release(self, index: int, layer: nn.Module, write: bool) -> None:
-        pass
-
-
 def dense_statistics(
     arch: ArchSpec,
     layers: nn.ModuleList,
     calib: Calibration,
     n_samples: int,
-    source,
+    layer_source,
     observe=None,
     progress: bool = True,
 ) -> dict[tuple[int, str], InputStats]:
     """One pass through the dense model: every consumer's input statistics, no pruning.
 
-    The activations of ``calib`` are advanced through all layers; pass a :meth:`head`
-    view to keep the first layer's inputs for a later pass. ``observe(index, stats)`` is
-    called while each layer is still loaded.
+    The activations of ``calib`` are advanced through all layers; pass a
+    :meth:`~grail.calibration.Calibration.first_samples` copy to keep the first layer's
+    inputs for a later pass. ``observe(index, stats)`` is called while each layer is loaded.
     """
     stats = {}
     for index, layer in enumerate(tqdm(layers, desc="scoring pass", disable=not progress)):
-        source.load(index, layer)
+        layer_source.load(index, layer)
         o, down = arch.attention_linears(layer)[3], arch.mlp_linears(layer)[2]
         layer_stats = {
             "attn": InputStats(o.in_features, gram=False, device=o.weight.device),
@@ -181,7 +127,7 @@ def dense_statistics(
             stats[(index, kind)] = s
         if observe is not None:
             observe(index, layer_stats)
-        source.release(index, layer, write=False)
+        layer_source.release(index, layer, write=False)
     return stats
 
 
@@ -192,8 +138,8 @@ def prune_model(
     timer: Timer | None = None,
     method: Method | None = None,
     progress: bool = True,
-    shared: dict | None = None,
-    source=None,
+    cache: dict | None = None,
+    layer_source=None,
 ) -> PruneReport:
     """Prune (and, with ``config.compensate``, compensate) ``model`` in place.
 
@@ -201,16 +147,16 @@ def prune_model(
     ``config.nsamples`` feed the method's statistics and the first ``config.gram_nsamples``
     the compensation's Gram matrices. Methods that read no activations need none.
 
-    ``shared`` is a dictionary kept by the caller across runs on copies of the *same dense
+    ``cache`` is a dictionary kept by the caller across runs on copies of the *same dense
     model* with the *same windows* (a sweep): the first layer's inputs and the dense
     scoring pass are computed once and reused from it.
 
-    ``source`` loads each decoder layer before it is processed and releases it after
+    ``layer_source`` loads each decoder layer before it is processed and releases it after
     (:class:`grail.streaming.LayerStreamer` streams them from disk); by default the layers
     are in memory already.
     """
     timer = timer or Timer()
-    source = source or InMemoryLayers()
+    layer_source = layer_source or InMemoryLayers()
     arch = arch_for(model.config)
     method = method or make_method(config)
     layers = arch.decoder_layers(model)
@@ -228,83 +174,95 @@ def prune_model(
             )
         ids = distributed.shard(needed)  # all windows in one process; a share of them under torchrun
         with timer.section("calibration"):
-            calib = _shared(
-                shared,
+            calib = _cached(
+                cache,
                 ("first layer inputs", needed, config.calib_batch_size),
                 lambda: capture_layer_inputs(
                     model, arch, windows[ids], config.calib_batch_size, ids, config.offload_activations
                 ),
-            ).head(needed)
+            ).first_samples(needed)
         report.calibration_windows = needed
 
-    planned = None
-    if method.global_plan:
-        planned = _plan(arch, layers, calib, config, method, timer, report, progress, shared, source)
-        if not config.compensate:
-            calib = None  # the plan and the scoring pass's means are all that pruning needs
+    dense: dict[tuple[int, str], InputStats] = {}
+    if method.allocator.is_global:
+        dense = _plan(arch, layers, calib, config, method, timer, report, progress, cache, layer_source)
+        if not config.compensate and not method.transforms:
+            calib = None  # the plan and the scoring pass's statistics are all that pruning needs
 
-    step = _LayerStep(arch, calib, config, method, timer, report)
+    step = _LayerStep(arch, calib, config, CompensationPolicy.from_config(config), method, timer, report)
     desc = f"{method.name} + GRAIL" if config.compensate else method.name
     for index, layer in enumerate(tqdm(layers, desc=desc, disable=not progress)):
-        source.load(index, layer)
-        contexts = planned[index] if planned is not None else block_contexts(arch, index, layer, config)
-        step(layer, index, len(layers), contexts)
+        layer_source.load(index, layer)
+        step(layer, index, len(layers), {kind: dense.get((index, kind)) for kind in ("attn", "mlp")})
         if calib is not None and index + 1 < len(layers):
             with timer.section("calibration"):
                 run_layer(layer, calib, update=True)
             report.layer_passes += 1
-        source.release(index, layer, write=True)
+        layer_source.release(index, layer, write=True)
     report.params_after = linear_param_count(arch, model)
     return report
 
 
-def _shared(shared: dict | None, key: tuple, compute):
-    """``compute()``, or its earlier result under ``key`` in the caller's ``shared`` dictionary."""
-    if shared is None:
+def _cached(cache: dict | None, key: tuple, compute):
+    """``compute()``, or its earlier result under ``key`` in the caller's ``cache``."""
+    if cache is None:
         return compute()
-    if key not in shared:
-        shared[key] = compute()
-    return shared[key]
+    if key not in cache:
+        cache[key] = compute()
+    return cache[key]
 
 
 def _plan(
-    arch, layers, calib, config, method, timer, report, progress, shared, source
-) -> list[dict[str, BlockContext]]:
-    """Score every layer of the dense model in one pass and let the method plan globally."""
-    planned = [block_contexts(arch, i, layer, config) for i, layer in enumerate(layers)]
+    arch, layers, calib, config, method, timer, report, progress, cache, layer_source
+) -> dict[tuple[int, str], InputStats]:
+    """Score every block of the dense model in one pass and let the allocator plan globally.
 
-    def observe(index: int, layer_stats: dict) -> None:  # while the layer's weights are loaded
-        for kind, stats in layer_stats.items():
-            planned[index][kind].stats = stats
-            method.observe(planned[index][kind])
+    Returns the dense statistics, which are also the selection statistics of every block
+    (the plan was made on them).
+    """
+    selector = method.selector
+    scored: list[dict] = [{} for _ in layers]
 
-    if method.uses_activations:
+    def score(index: int, layer: nn.Module, layer_stats: dict) -> None:  # while the layer's weights are loaded
+        for kind, block in layer_blocks(arch, index, layer, config.attention_unit).items():
+            scored[index][kind] = selector.unit_scores(block, Evidence(layer_stats.get(kind)))
+
+    dense: dict[tuple[int, str], InputStats] = {}
+    if selector.uses_activations:
         key = ("dense statistics", config.nsamples, config.calib_batch_size)
-        fresh = shared is None or key not in shared
+        fresh = cache is None or key not in cache
         with timer.section("calibration"):
-            dense = _shared(
-                shared,
+            dense = _cached(
+                cache,
                 key,
                 lambda: dense_statistics(
-                    arch, layers, calib.head(config.nsamples), config.nsamples, source, observe, progress
+                    arch,
+                    layers,
+                    calib.first_samples(config.nsamples),
+                    config.nsamples,
+                    layer_source,
+                    lambda i, s: score(i, layers[i], s),
+                    progress,
                 ),
             )
         report.layer_passes += len(layers) if fresh else 0
-        for (index, kind), stats in dense.items():
-            planned[index][kind].stats = stats
     with timer.section("pruning"):
-        method.plan(planned, [_linear_params(arch, layer) for layer in layers])
-    return planned
+        if not all(scored):  # statistics from the cache (layers in memory), or a selector that reads none
+            for index, layer in enumerate(layers):
+                layer_source.load(index, layer)
+                score(index, layer, {kind: dense.get((index, kind)) for kind in ("attn", "mlp")})
+                layer_source.release(index, layer, write=False)
+        method.allocator.plan(scored, [_linear_params(arch, layer) for layer in layers])
+    return dense
 
 
 @dataclass
 class _Deferred:
-    """A consumer whose compensation waits until the method has finished with the layer."""
+    """A consumer whose compensation waits until the method's layer transforms are done."""
 
-    ctx: BlockContext
+    block: Block
     dense_weight: Tensor  # O x H, before pruning
     kept_columns: Tensor
-    decision: Decision
     selection: InputStats | None
     gram_stats: InputStats
     row: dict  # its line in the report, completed when compensated
@@ -312,101 +270,121 @@ class _Deferred:
 
 @dataclass
 class _LayerStep:
-    """Prunes one decoder layer: allocation, then each block's statistics, decision, update, surgery."""
+    """Prunes one decoder layer: allocation, layer transforms, then each block's statistics, decision, update, surgery."""
 
     arch: ArchSpec
     calib: Calibration | None
     config: PruneConfig
+    policy: CompensationPolicy
     method: Method
     timer: Timer
     report: PruneReport
 
-    def __call__(self, layer: nn.Module, index: int, n_layers: int, contexts: dict[str, BlockContext]) -> None:
-        arch, method = self.arch, self.method
-        n_attn, n_mlp = method.allocate(
-            index, n_layers, contexts["attn"].units(), contexts["mlp"].units(), _linear_params(arch, layer)
+    def __call__(self, layer: nn.Module, index: int, n_layers: int, dense: dict[str, InputStats | None]) -> None:
+        method = self.method
+        blocks = layer_blocks(self.arch, index, layer, self.config.attention_unit)
+        n_remove = method.allocator.allocate(
+            index, n_layers, blocks["attn"].units(), blocks["mlp"].units(), _linear_params(self.arch, layer)
         )
-        contexts["attn"].n_remove, contexts["mlp"].n_remove = n_attn, n_mlp
         dtype = next(layer.parameters()).dtype
-        if method.float32_layers:
+        if any(t.float32 for t in method.transforms):
             layer.float()
+        evidence: dict[str, Evidence] = {}
         if self.calib is not None:
-            with self.timer.section("pruning"):
-                method.begin_layer(layer, arch, self.calib, index)
-        deferred = [self._block(layer, ctx) for ctx in contexts.values() if ctx.n_remove > 0]
+            for transform in method.transforms:
+                with self.timer.section("pruning"):
+                    evidence |= transform.begin(layer, self.arch, self.calib, index)
+        deferred = [
+            self._block(layer, block, n, dense[kind], evidence.get(kind))
+            for (kind, block), n in zip(blocks.items(), n_remove, strict=True)
+            if n > 0
+        ]
         if self.calib is not None:
-            with self.timer.section("pruning"):
-                method.finish_layer(layer, arch, self.calib, index)
+            for transform in method.transforms:
+                with self.timer.section("pruning"):
+                    transform.finish(layer, self.arch, self.calib, index)
         for item in deferred:
             if item is not None:
                 self._compensate_late(item)
         layer.to(dtype)
 
-    def _block(self, layer: nn.Module, ctx: BlockContext) -> _Deferred | None:
-        config, timer = self.config, self.timer
-        mean_bias = config.bias_compensation and self.method.supports_bias_compensation
-        where = f"layer {ctx.layer_index} {self.arch.consumer_names()[ctx.kind]}"
-        selection, gram_stats = ctx.stats, None
+    def _where(self, block: Block) -> str:
+        return f"layer {block.layer_index} {self.arch.consumer_names()[block.kind]}"
+
+    def _mean_bias(self) -> bool:
+        return self.policy.bias_compensation and self.method.selector.mean_bias
+
+    def _block(
+        self,
+        layer: nn.Module,
+        block: Block,
+        n_remove: int,
+        selection: InputStats | None,
+        extra: Evidence | None,
+    ) -> _Deferred | None:
+        policy, timer, method = self.policy, self.timer, self.method
+        where, mean_bias = self._where(block), self._mean_bias()
+        gram_stats = None
         if self.calib is not None:
-            wants_selection = selection is None and (self.method.uses_activations or mean_bias)
+            wants_selection = selection is None and (method.uses_activations or mean_bias)
             with timer.section("calibration"):
                 collected, gram_stats = _block_stats(
-                    layer, ctx.consumer, self.calib, config, wants_selection, self.method.needs_gram
+                    layer, block.consumer, self.calib, self.config, policy, wants_selection, method.selector.needs_gram
                 )
             self.report.layer_passes += 1
             for stats in {id(s): s for s in (collected, gram_stats) if s is not None}.values():
                 stats.all_reduce()  # data-parallel runs: sum over processes
                 stats.check_finite(where)
             if selection is None:
-                selection = ctx.stats = collected
+                selection = collected
         with timer.section("pruning"):
-            decision = self.method.decide(ctx)
-            kept_columns = decision.units.kept_columns(decision.kept)
-        dense_weight = ctx.consumer.weight.data.clone()
-        late = config.compensate and self.method.defer_compensation
-        with timer.section("compensation" if config.compensate and not late else "pruning"):
-            new_weight, new_bias, notes = _consumer_update(
-                ctx.consumer.weight.data,
-                None if ctx.consumer.bias is None else ctx.consumer.bias.data,
-                kept_columns,
-                decision,
-                selection,
-                gram_stats,
-                replace(config, compensate=False) if late else config,
-                mean_bias,
-                where,
-            )
-        with timer.section("pruning"):
-            if ctx.kind == "attn":
-                prune_attention(self.arch, layer, decision.units.kept_heads(decision.kept), new_weight, new_bias)
+            gradient = extra.gradient if extra is not None else None
+            decision: Decision = method.selector.select(block, Evidence(selection, gradient), n_remove)
+            kept_columns = decision.kept_columns
+        consumer = block.consumer
+        late = policy.compensate and method.defer_compensation
+        dense_weight = consumer.weight.data.clone() if late else None
+        bias = None if consumer.bias is None else consumer.bias.data
+        with timer.section("compensation" if policy.compensate and not late else "pruning"):
+            if late:  # plain pruning now; compensation once the transforms are done
+                update = policy.plain(consumer.weight.data, bias, kept_columns, selection, mean_bias, decision.refit)
             else:
-                prune_mlp(self.arch, layer, kept_columns, new_weight, new_bias)
-        row = {"layer": ctx.layer_index, "block": ctx.kind, "units": decision.units.count, "kept": len(decision.kept)}
-        self.report.blocks.append(row | notes)
+                update = policy.update(
+                    consumer.weight.data, bias, kept_columns, selection, gram_stats, mean_bias, where, decision.refit
+                )
+        with timer.section("pruning"):
+            if block.kind == "attn":
+                prune_attention(self.arch, layer, decision.units.kept_heads(decision.kept), update.weight, update.bias)
+            else:
+                prune_mlp(self.arch, layer, kept_columns, update.weight, update.bias)
+        row = {
+            "layer": block.layer_index,
+            "block": block.kind,
+            "units": decision.units.count,
+            "kept": len(decision.kept),
+        }
+        self.report.blocks.append(row | update.notes)
         if late:
-            return _Deferred(ctx, dense_weight, kept_columns, decision, selection, gram_stats, self.report.blocks[-1])
+            return _Deferred(block, dense_weight, kept_columns, selection, gram_stats, self.report.blocks[-1])
         return None
 
     def _compensate_late(self, item: _Deferred) -> None:
-        """Compensate a consumer as the method left it: its kept columns now, its removed ones as they were."""
-        consumer = item.ctx.consumer
+        """Compensate a consumer as the transforms left it: its kept columns now, its removed ones as they were."""
+        consumer = item.block.consumer
         current = item.dense_weight.clone()
         current[:, item.kept_columns.to(current.device)] = consumer.weight.data
-        mean_bias = self.config.bias_compensation and self.method.supports_bias_compensation
         with self.timer.section("compensation"):
-            weight, bias, notes = _consumer_update(
+            update = self.policy.update(
                 current,
                 None if consumer.bias is None else consumer.bias.data,
                 item.kept_columns,
-                replace(item.decision, weight=None, bias_shift=None),
                 item.selection,
                 item.gram_stats,
-                self.config,
-                mean_bias,
-                f"layer {item.ctx.layer_index} {self.arch.consumer_names()[item.ctx.kind]}",
+                self._mean_bias(),
+                self._where(item.block),
             )
-        set_consumer(consumer, weight, bias)
-        item.row.update(notes)
+        set_consumer(consumer, update.weight, update.bias)
+        item.row.update(update.notes)
 
 
 def _block_stats(
@@ -414,6 +392,7 @@ def _block_stats(
     consumer: nn.Linear,
     calib: Calibration,
     config: PruneConfig,
+    policy: CompensationPolicy,
     wants_selection: bool,
     selection_gram: bool,
 ) -> tuple[InputStats | None, InputStats | None]:
@@ -425,14 +404,13 @@ def _block_stats(
     windows they are one object.
     """
     device, dim = consumer.weight.device, consumer.in_features
-    wants_gram = config.compensate
-    folds = config.cv_folds if config.ridge_lambda == "auto" else 1
+    wants_gram = policy.compensate
     if wants_gram and (not wants_selection or config.gram_nsamples == config.nsamples):
-        shared = InputStats(dim, gram=True, device=device, n_folds=folds)
-        run_layer(layer, calib, [(consumer, [(shared, config.gram_nsamples)])], stop_at=consumer)
-        return (shared if wants_selection else None), shared
+        both = InputStats(dim, gram=True, device=device, n_folds=policy.folds)
+        run_layer(layer, calib, [(consumer, [(both, config.gram_nsamples)])], stop_at=consumer)
+        return (both if wants_selection else None), both
     selection = InputStats(dim, gram=selection_gram, device=device) if wants_selection else None
-    gram_stats = InputStats(dim, gram=True, device=device, n_folds=folds) if wants_gram else None
+    gram_stats = InputStats(dim, gram=True, device=device, n_folds=policy.folds) if wants_gram else None
     targets = [(selection, config.nsamples)] if selection is not None else []
     if gram_stats is not None:
         targets.append((gram_stats, config.gram_nsamples))

@@ -1,4 +1,10 @@
-"""The whole job: load, calibrate, prune, compensate, evaluate, save, report."""
+"""The whole job: load, calibrate, prune, compensate, evaluate, save, report.
+
+:func:`run` (the command line and ``grail.run``) and :func:`grail.sweep.sweep` build their
+runs from the same parts: :func:`read_texts` reads every input before the model is loaded,
+:func:`make_workload` turns the texts into token windows once, :func:`prune_and_evaluate`
+prunes a model and evaluates it, and :func:`results` writes the one results schema.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import json
 import logging
 import platform
 import time
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -15,13 +22,13 @@ from torch import Tensor, nn
 from grail import data, distributed
 from grail.calibration import available_ram
 from grail.config import RunConfig
-from grail.engine import prune_model
+from grail.engine import PruneReport, prune_model
 from grail.errors import GrailError
 from grail.evaluate.perplexity import perplexity
-from grail.methods import make_method
-from grail.models.loading import DTYPES, load_model, resolve_model
+from grail.methods import Method, make_method
+from grail.models.loading import load_model, resolve_model, torch_dtype
 from grail.models.saving import check_save_target, save_pruned
-from grail.streaming import checkpoint_bytes, prune_streaming, streamed_perplexity
+from grail.streaming import checkpoint_bytes, prune_streaming, streamed_model
 from grail.timing import Timer
 
 log = logging.getLogger("grail")
@@ -36,14 +43,14 @@ def calibration_data(
     data_dir: str | Path | None = None,
 ) -> tuple[Tensor, str]:
     """``nsamples`` random calibration windows of ``seqlen`` tokens, and where they came from."""
-    source = data.load_text(dataset, "calibration", data.resolve_data_dir(data_dir), seed)
-    return _calibration_windows(tokenizer, source, nsamples, seqlen, seed), source.description
+    text = data.load_text(dataset, "calibration", data.resolve_data_dir(data_dir), seed)
+    return _calibration_windows(tokenizer, text, nsamples, seqlen, seed), text.description
 
 
-def _calibration_windows(tokenizer, source: data.TextSource, nsamples: int, seqlen: int, seed: int) -> Tensor:
-    if source.description.startswith("offline"):
-        log.info("offline data: calibrating on %s (no train split offline)", source.description)
-    return data.calibration_windows(data.tokenize(tokenizer, source.text), nsamples, seqlen, seed)
+def _calibration_windows(tokenizer, text: data.TextSource, nsamples: int, seqlen: int, seed: int) -> Tensor:
+    if text.description.startswith("offline"):
+        log.info("offline data: calibrating on %s (no train split offline)", text.description)
+    return data.calibration_windows(data.tokenize(tokenizer, text.text), nsamples, seqlen, seed)
 
 
 def evaluate_perplexity(
@@ -57,17 +64,180 @@ def evaluate_perplexity(
     progress: bool = True,
 ) -> dict:
     """Perplexity on a dataset's evaluation split: ``{"ppl", "windows", "seqlen", "source"}``."""
-    source = data.load_text(dataset, "evaluation", data.resolve_data_dir(data_dir))
-    return _perplexity_on(model, tokenizer, dataset, source, seqlen, max_windows, batch_size, progress)
-
-
-def _perplexity_on(model, tokenizer, dataset, source, seqlen, max_windows, batch_size, progress) -> dict:
-    windows = data.evaluation_windows(data.tokenize(tokenizer, source.text), seqlen, dataset, max_windows)
-    ppl = perplexity(model, windows, batch_size, progress, desc=f"{dataset} perplexity")
-    log.info(
-        "%s perplexity %.4f on %d windows of %d tokens (%s)", dataset, ppl, len(windows), seqlen, source.description
+    text = data.load_text(dataset, "evaluation", data.resolve_data_dir(data_dir))
+    windows = EvaluationSet(
+        data.evaluation_windows(data.tokenize(tokenizer, text.text), seqlen, dataset, max_windows), text.description
     )
-    return {"ppl": ppl, "windows": len(windows), "seqlen": seqlen, "source": source.description}
+    return _evaluate(model, dataset, windows, batch_size, progress)
+
+
+@dataclass(frozen=True)
+class EvaluationSet:
+    windows: Tensor  # [n, seqlen]
+    source: str  # where the text came from
+
+
+@dataclass(frozen=True)
+class Texts:
+    """Everything a run reads from the data folder, read (and so checked) before the model is loaded."""
+
+    calibration: data.TextSource | None
+    evaluation: dict[str, data.TextSource]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The token windows of a run: calibration windows and each evaluation set."""
+
+    calibration: Tensor | None
+    calibration_source: str | None
+    evaluation: dict[str, EvaluationSet]
+
+
+def read_texts(config: RunConfig, windows_needed: int) -> Texts:
+    root = data.resolve_data_dir(config.data_dir)
+    calibration = data.load_text(config.dataset, "calibration", root, config.prune.seed) if windows_needed else None
+    return Texts(calibration, {name: data.load_text(name, "evaluation", root) for name in config.eval_datasets})
+
+
+def make_workload(tokenizer, config: RunConfig, texts: Texts, windows_needed: int, timer: Timer) -> Workload:
+    calibration = None
+    if windows_needed:
+        with timer.section("calibration"):
+            calibration = _calibration_windows(
+                tokenizer, texts.calibration, windows_needed, config.seqlen, config.prune.seed
+            )
+    evaluation = {
+        name: EvaluationSet(
+            data.evaluation_windows(data.tokenize(tokenizer, text.text), config.seqlen, name, config.eval_samples),
+            text.description,
+        )
+        for name, text in texts.evaluation.items()
+    }
+    return Workload(calibration, texts.calibration.description if texts.calibration else None, evaluation)
+
+
+def _evaluate(model, name: str, evaluation: EvaluationSet, batch_size: int, progress: bool, layer_source=None) -> dict:
+    windows = evaluation.windows
+    ppl = perplexity(model, windows, batch_size, progress, f"{name} perplexity", layer_source)
+    log.info(
+        "%s perplexity %.4f on %d windows of %d tokens (%s)",
+        name,
+        ppl,
+        len(windows),
+        windows.shape[1],
+        evaluation.source,
+    )
+    return {"ppl": ppl, "windows": len(windows), "seqlen": windows.shape[1], "source": evaluation.source}
+
+
+def evaluate_all(
+    model: nn.Module, workload: Workload, config: RunConfig, timer: Timer, progress: bool, layer_source=None
+) -> dict[str, dict]:
+    """Perplexity on every evaluation set of the workload."""
+    with timer.section("evaluation"):
+        return {
+            name: _evaluate(model, name, evaluation, config.eval_batch_size, progress, layer_source)
+            for name, evaluation in workload.evaluation.items()
+        }
+
+
+def zero_shot_if_asked(model: nn.Module, tokenizer, config: RunConfig, timer: Timer) -> dict | None:
+    """Zero-shot accuracy when ``config.zero_shot`` (process 0 only)."""
+    if not config.zero_shot or not distributed.is_main():
+        return None
+    from grail.evaluate.zero_shot import zero_shot
+
+    with timer.section("zero_shot"):
+        return zero_shot(
+            model,
+            tokenizer,
+            batch_size=config.eval_batch_size,
+            limit=config.zero_shot_limit,
+            data_dir=data.resolve_data_dir(config.data_dir),
+        )
+
+
+def prune_and_evaluate(
+    model: nn.Module,
+    tokenizer,
+    config: RunConfig,
+    workload: Workload,
+    timer: Timer,
+    method: Method | None = None,
+    progress: bool = True,
+    cache: dict | None = None,
+) -> tuple[PruneReport, dict[str, dict], dict | None]:
+    """Prune a model in memory and evaluate it: (report, perplexities, zero-shot or None)."""
+    report = prune_model(model, workload.calibration, config.prune, timer, method, progress, cache)
+    _log_report(report, config)
+    evaluations = evaluate_all(model, workload, config, timer, progress)
+    return report, evaluations, zero_shot_if_asked(model, tokenizer, config, timer)
+
+
+def _log_report(report: PruneReport, config: RunConfig) -> None:
+    if report.auto_lambda_summary():
+        log.info(report.auto_lambda_summary())
+    if config.prune.pruning_ratio > 0:
+        log.info(
+            "%s removed %.2f%% of the decoder's linear parameters (%d -> %d)",
+            report.method,
+            100 * report.removed_fraction,
+            report.params_before,
+            report.params_after,
+        )
+
+
+def results(
+    config: RunConfig,
+    report: PruneReport,
+    evaluations: dict[str, dict],
+    zero_shot: dict | None,
+    timer: Timer,
+    started: float,
+    workload: Workload,
+    device: str,
+    streamed: bool = False,
+) -> dict:
+    """The results of one run, in the one schema of the command line, the API and the sweep."""
+    timings = {f"{k}_s": v for k, v in timer.as_dict().items()}
+    for key in ("calibration_s", "pruning_s", "compensation_s", "evaluation_s"):
+        timings.setdefault(key, 0.0)
+    timings["prune_total_s"] = round(timings["calibration_s"] + timings["pruning_s"] + timings["compensation_s"], 4)
+    timings["wall_s"] = round(time.perf_counter() - started, 4)
+    out = {
+        "ppl": {name: e["ppl"] for name, e in evaluations.items()},
+        "evaluation": evaluations,
+        "params": {
+            "before": report.params_before,
+            "after": report.params_after,
+            "removed_fraction": report.removed_fraction,
+        },
+        "timings": timings,
+        "calibration": {
+            "source": workload.calibration_source,
+            "windows": report.calibration_windows,
+            "seqlen": config.seqlen,
+        },
+        "prune": report.as_dict(),
+        "config": config.to_dict(),
+        "device": str(device),
+        "streamed": streamed,
+        "processes": distributed.world_size(),
+        "versions": library_versions(),
+    }
+    if zero_shot is not None:
+        out["zero_shot"] = zero_shot
+    return out
+
+
+def write_json(path: str | Path, payload: dict) -> None:
+    """Write ``payload`` as JSON, atomically (a reader never sees half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)
 
 
 def default_device() -> str:
@@ -138,22 +308,19 @@ def run(config: RunConfig, progress: bool = True) -> dict:
     """
     timer = Timer()
     started = time.perf_counter()
-    prune_cfg = config.prune
     device = config.device or default_device()
     check_device(device, config.dtype)
     distributed.init_from_environment(device)
     # Everything that can be checked without the model is checked (and read) first.
     if config.save_model:
         check_save_target(config.save_model)
-    root = data.resolve_data_dir(config.data_dir)
     if config.zero_shot:
         from grail.evaluate.zero_shot import require_lm_eval
 
         require_lm_eval()
-    method = make_method(prune_cfg)
-    needed = prune_cfg.windows_needed(method.uses_activations)
-    calib_text = data.load_text(config.dataset, "calibration", root, prune_cfg.seed) if needed else None
-    eval_texts = {name: data.load_text(name, "evaluation", root) for name in config.eval_datasets}
+    method = make_method(config.prune)
+    needed = config.prune.windows_needed(method.uses_activations)
+    texts = read_texts(config, needed)
     too_big, size, available = _does_not_fit(config.model, device)
     streaming = config.offload or too_big
     if streaming and not config.save_model:
@@ -163,9 +330,8 @@ def run(config: RunConfig, progress: bool = True) -> dict:
             else "--offload writes the pruned layers straight into the output checkpoint"
         )
         raise GrailError(f"{reason}; pass --save_model DIR to prune it layer by layer from disk.")
-    dtype = DTYPES[config.dtype]
+    dtype = torch_dtype(config.dtype)
     metadata = {"config": config.to_dict()}
-    evaluations, zero_shot_result = {}, None
     if streaming:
         if too_big:
             log.info("the model does not fit in memory: pruning it layer by layer from disk")
@@ -173,103 +339,40 @@ def run(config: RunConfig, progress: bool = True) -> dict:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        windows = _windows(tokenizer, calib_text, needed, config, timer)
+        workload = make_workload(tokenizer, config, texts, needed, timer)
         report = prune_streaming(
-            folder, config.save_model, windows, prune_cfg, tokenizer, device, dtype, metadata, timer, progress
+            folder,
+            config.save_model,
+            workload.calibration,
+            config.prune,
+            tokenizer,
+            device,
+            dtype,
+            metadata,
+            timer,
+            progress,
         )
+        _log_report(report, config)
         distributed.barrier()
-        with timer.section("evaluation"):
-            for name, source in eval_texts.items():
-                windows = data.evaluation_windows(
-                    data.tokenize(tokenizer, source.text), config.seqlen, name, config.eval_samples
-                )
-                ppl = streamed_perplexity(config.save_model, windows, config.eval_batch_size, device, dtype)
-                evaluations[name] = {
-                    "ppl": ppl,
-                    "windows": len(windows),
-                    "seqlen": config.seqlen,
-                    "source": source.description,
-                }
-                log.info(
-                    "%s perplexity %.4f on %d windows of %d tokens (layer by layer)",
-                    name,
-                    ppl,
-                    len(windows),
-                    config.seqlen,
-                )
-        model = None
+        pruned, layers = streamed_model(config.save_model, device, dtype)
+        evaluations = evaluate_all(pruned, workload, config, timer, progress, layers)
+        zero_shot = None
         if config.zero_shot:
             model, tokenizer = load_model(config.save_model, dtype=dtype, device=device)
+            zero_shot = zero_shot_if_asked(model, tokenizer, config, timer)
     else:
         with timer.section("load"):
             model, tokenizer = load_model(config.model, dtype=dtype, device=device)
-        windows = _windows(tokenizer, calib_text, needed, config, timer)
-        report = prune_model(model, windows, prune_cfg, timer, method, progress)
-        with timer.section("evaluation"):
-            for name, source in eval_texts.items():
-                evaluations[name] = _perplexity_on(
-                    model, tokenizer, name, source, config.seqlen, config.eval_samples, config.eval_batch_size, progress
+        workload = make_workload(tokenizer, config, texts, needed, timer)
+        report, evaluations, zero_shot = prune_and_evaluate(model, tokenizer, config, workload, timer, method, progress)
+        if config.save_model and distributed.is_main():
+            with timer.section("save"):
+                save_pruned(
+                    model, tokenizer, config.save_model, metadata | {"removed_fraction": report.removed_fraction}
                 )
-    if report.auto_lambda_summary():
-        log.info(report.auto_lambda_summary())
-    if prune_cfg.pruning_ratio > 0:
-        log.info(
-            "%s removed %.2f%% of the decoder's linear parameters (%d -> %d)",
-            method.name,
-            100 * report.removed_fraction,
-            report.params_before,
-            report.params_after,
-        )
-    if config.zero_shot and distributed.is_main():
-        from grail.evaluate.zero_shot import zero_shot
-
-        with timer.section("zero_shot"):
-            zero_shot_result = zero_shot(
-                model, tokenizer, batch_size=config.eval_batch_size, limit=config.zero_shot_limit, data_dir=root
-            )
-    if config.save_model and not streaming and distributed.is_main():
-        with timer.section("save"):
-            save_pruned(model, tokenizer, config.save_model, metadata | {"removed_fraction": report.removed_fraction})
-        log.info("saved the pruned model to %s", config.save_model)
-    seconds = timer.as_dict()
-    timings = {f"{k}_s": v for k, v in seconds.items()}
-    for key in ("calibration_s", "pruning_s", "compensation_s", "evaluation_s"):
-        timings.setdefault(key, 0.0)
-    timings["prune_total_s"] = round(timings["calibration_s"] + timings["pruning_s"] + timings["compensation_s"], 4)
-    timings["wall_s"] = round(time.perf_counter() - started, 4)
-    results = {
-        "ppl": {name: e["ppl"] for name, e in evaluations.items()},
-        "evaluation": evaluations,
-        "params": {
-            "before": report.params_before,
-            "after": report.params_after,
-            "removed_fraction": report.removed_fraction,
-        },
-        "timings": timings,
-        "calibration": {
-            "source": calib_text.description if calib_text else None,
-            "windows": needed,
-            "seqlen": config.seqlen,
-        },
-        "prune": report.as_dict(),
-        "config": config.to_dict(),
-        "device": str(device),
-        "streamed": streaming,
-        "processes": distributed.world_size(),
-        "versions": library_versions(),
-    }
-    if zero_shot_result is not None:
-        results["zero_shot"] = zero_shot_result
+            log.info("saved the pruned model to %s", config.save_model)
+    out = results(config, report, evaluations, zero_shot, timer, started, workload, device, streaming)
     if config.output_json and distributed.is_main():
-        path = Path(config.output_json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=2))
-        log.info("results written to %s", path)
-    return results
-
-
-def _windows(tokenizer, calib_text, needed: int, config: RunConfig, timer: Timer) -> Tensor | None:
-    if not needed:
-        return None
-    with timer.section("calibration"):
-        return _calibration_windows(tokenizer, calib_text, needed, config.seqlen, config.prune.seed)
+        write_json(config.output_json, out)
+        log.info("results written to %s", config.output_json)
+    return out

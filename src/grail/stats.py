@@ -47,10 +47,6 @@ class InputStats:
     def n_folds(self) -> int:
         return len(self.fold_counts)
 
-    @property
-    def has_gram(self) -> bool:
-        return self.fold_grams is not None
-
     def update(self, x: Tensor, fold: int = 0) -> None:
         """Add a batch of inputs ``x`` (any leading shape, last dimension ``dim``) to ``fold``."""
         # Products run in float32 (fast everywhere, half the temporary memory) unless the

@@ -21,7 +21,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from grail.calibration import capture_layer_inputs, run_layer
 from grail.errors import GrailError
 from grail.models.arch import ArchSpec, arch_for
 from grail.models.modeling_grail import CLASSES
@@ -82,7 +81,9 @@ class ShardWriter:
 
 
 class LayerStreamer:
-    """Loads decoder layers from a checkpoint onto the device, and releases them (written or not)."""
+    """A layer source: loads decoder layers from a checkpoint onto the device, and releases them (written or not)."""
+
+    resident = False  # one layer in memory at a time
 
     def __init__(self, reader: CheckpointReader, arch: ArchSpec, device, dtype: torch.dtype, writer=None):
         self.reader, self.arch, self.device, self.dtype, self.writer = reader, arch, torch.device(device), dtype, writer
@@ -156,25 +157,6 @@ def _output_weight_name(model: nn.Module) -> str:
     return next(name for name, module in model.named_modules() if module is head) + ".weight"
 
 
-@torch.no_grad()
-def layerwise_window_nll(model: nn.Module, streamer: LayerStreamer, windows: Tensor, batch_size: int) -> Tensor:
-    """Summed next-token NLL per window, running every window through one layer at a time."""
-    arch = streamer.arch
-    calib = capture_layer_inputs(model, arch, windows, batch_size)
-    for index, layer in enumerate(arch.decoder_layers(model)):
-        streamer.load(index, layer)
-        run_layer(layer, calib, update=True)
-        streamer.release(index, layer, write=False)
-    norm, head = model.get_decoder().norm, model.get_output_embeddings()
-    totals = []
-    for hidden, ids in zip(calib.hidden, windows.split(batch_size), strict=True):
-        h = norm(hidden.to(head.weight.device, head.weight.dtype))
-        for row, target in zip(h, ids.to(h.device), strict=True):
-            logits = head(row[:-1]).float()
-            totals.append(nn.functional.cross_entropy(logits, target[1:], reduction="sum").double().cpu())
-    return torch.stack(totals)
-
-
 def prune_streaming(
     folder: str | Path,
     out_dir: str | Path,
@@ -205,7 +187,7 @@ def prune_streaming(
     def prune_into(tmp: Path | None) -> None:
         writer = ShardWriter(tmp) if tmp is not None else None
         streamer = LayerStreamer(reader, arch, device, dtype, writer)
-        report["value"] = prune_model(model, windows, config, timer, progress=progress, source=streamer)
+        report["value"] = prune_model(model, windows, config, timer, progress=progress, layer_source=streamer)
         if config.pruning_ratio == 0:  # nothing was loaded: copy the layers as they are
             for index, layer in enumerate(arch.decoder_layers(model)):
                 streamer.load(index, layer)
@@ -220,17 +202,10 @@ def prune_streaming(
     return report["value"]
 
 
-def streamed_perplexity(folder: str | Path, windows: Tensor, batch_size: int, device, dtype: torch.dtype) -> float:
-    """Perplexity of the checkpoint in ``folder`` over ``windows``, one layer in memory at a time."""
-    import math
-
-    from grail import distributed
-
+def streamed_model(folder: str | Path, device, dtype: torch.dtype) -> tuple[nn.Module, LayerStreamer]:
+    """The checkpoint in ``folder`` with its decoder layers left on disk, and the layer source that reads them."""
     model = meta_model(folder, device, dtype)
-    streamer = LayerStreamer(CheckpointReader(folder), arch_for(model.config), device, dtype)
-    nll = layerwise_window_nll(model, streamer, windows[distributed.shard(len(windows))], batch_size)
-    total = distributed.all_reduce_sum(nll.sum().reshape(1)).item()
-    return math.exp(total / (windows.shape[0] * (windows.shape[1] - 1)))
+    return model, LayerStreamer(CheckpointReader(folder), arch_for(model.config), device, dtype)
 
 
 def checkpoint_bytes(folder: str | Path) -> int:

@@ -9,10 +9,9 @@ keeps that mapping right.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
-from grail.models.arch import ArchSpec
+from grail.models.arch import ArchSpec, layer_shape
 
 
 def _set_weight(linear: nn.Linear, weight: Tensor, bias: Tensor | None) -> None:
@@ -37,18 +36,6 @@ def set_consumer(linear: nn.Linear, weight: Tensor, bias: Tensor | None) -> None
     _set_weight(linear, weight.to(device=device, dtype=dtype), bias)
 
 
-def kv_heads_for(kept_heads: Tensor, group_size: int) -> Tensor:
-    """Key/value heads still read by the kept query heads; every group must keep as many."""
-    groups = kept_heads // group_size
-    kv, counts = torch.unique(groups, return_counts=True)
-    if counts.numel() and not bool((counts == counts[0]).all()):
-        raise ValueError(
-            "kept query heads must be spread evenly over their key/value groups for the "
-            f"stock attention modules; got {counts.tolist()} heads in groups {kv.tolist()}"
-        )
-    return kv
-
-
 def prune_attention(
     arch: ArchSpec,
     layer: nn.Module,
@@ -56,19 +43,15 @@ def prune_attention(
     o_weight: Tensor,
     o_bias: Tensor | None,
 ) -> None:
-    """Keep only ``kept_heads`` (sorted query-head indices) and install o_proj's new weights."""
+    """Keep only ``kept_heads`` (query-head indices) and install o_proj's new weights."""
     attn = arch.attention_of(layer)
     q, k, v, o = arch.attention_linears(layer)
-    hd = attn.head_dim
-    n_heads, n_kv = q.out_features // hd, k.out_features // hd
+    layout = layer_shape(arch, layer).heads
     kept_heads = kept_heads.sort().values
-    kept_kv = kv_heads_for(kept_heads, n_heads // n_kv)
-    offsets = torch.arange(hd)
-    q_rows = (kept_heads.unsqueeze(1) * hd + offsets).flatten()
-    kv_rows = (kept_kv.unsqueeze(1) * hd + offsets).flatten()
-    keep_rows(q, q_rows)
-    keep_rows(k, kv_rows)
-    keep_rows(v, kv_rows)
+    kept_kv = layout.kv_heads(kept_heads)
+    keep_rows(q, layout.columns(kept_heads))
+    keep_rows(k, layout.columns(kept_kv))
+    keep_rows(v, layout.columns(kept_kv))
     set_consumer(o, o_weight, o_bias)
     n_heads, n_kv = len(kept_heads), len(kept_kv)
     attn.num_key_value_groups = n_heads // n_kv

@@ -18,18 +18,23 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import time
 from dataclasses import replace
 from pathlib import Path
 
-from grail import data
-from grail.config import PruneConfig, RunConfig
-from grail.engine import prune_model
+from grail.config import RunConfig
 from grail.errors import GrailError
-from grail.evaluate.perplexity import perplexity
-from grail.methods import METHODS
-from grail.models.arch import arch_for, linear_param_count
-from grail.models.loading import DTYPES, load_model
-from grail.pipeline import default_device, library_versions
+from grail.methods import make_method
+from grail.models.loading import load_model, torch_dtype
+from grail.pipeline import (
+    default_device,
+    library_versions,
+    make_workload,
+    prune_and_evaluate,
+    read_texts,
+    results,
+    write_json,
+)
 from grail.timing import Timer
 
 log = logging.getLogger("grail")
@@ -68,19 +73,13 @@ def grid(
     return runs
 
 
-def run_label(prune: PruneConfig, varied: set[str]) -> str:
-    """Row label: the method, '+ GRAIL' when compensating, and any other varied setting."""
-    label = prune.prune_method + (" + GRAIL" if prune.compensate else "")
-    extras = [f"{k}={getattr(prune, k)}" for k in sorted(varied - {"prune_method", "pruning_ratio", "compensate"})]
-    if not prune.compensate:
+def run_label(prune: dict, varied: set[str]) -> str:
+    """Row label: the method, '+ GRAIL' when compensating, and any other varied setting (``prune``: a results JSON's)."""
+    label = prune["prune_method"] + (" + GRAIL" if prune["compensate"] else "")
+    extras = [f"{k}={prune[k]}" for k in sorted(varied - {"prune_method", "pruning_ratio", "compensate"})]
+    if not prune["compensate"]:
         extras = [e for e in extras if not e.startswith(("ridge_lambda", "grail_fit", "comp_nsamples", "ridge_prior"))]
     return label + (f" ({', '.join(extras)})" if extras else "")
-
-
-def _write_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(path)
 
 
 def _require_matplotlib() -> None:
@@ -91,83 +90,60 @@ def _require_matplotlib() -> None:
 
 
 def sweep(base: RunConfig, runs: list[dict], out_dir: str | Path, progress: bool = True) -> dict:
-    """Run every ``runs`` entry (PruneConfig overrides) on ``base``; returns the summary."""
+    """Run every ``runs`` entry (PruneConfig overrides) on ``base``; returns the summary.
+
+    Every run's results have the schema of :func:`grail.run`'s, plus its ``overrides``.
+    """
     _require_matplotlib()
     out = Path(out_dir)
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    configs = [replace(base.prune, **overrides) for overrides in runs]  # validates every run up front
-    root = data.resolve_data_dir(base.data_dir)
-    datasets = base.eval_datasets or [base.dataset]
+    if not base.eval_datasets:
+        base = replace(base, eval=True)  # a sweep always reports perplexity on the calibration dataset
+    configs = [replace(base, prune=replace(base.prune, **overrides)) for overrides in runs]  # validates every run
     if base.zero_shot:
         from grail.evaluate.zero_shot import require_lm_eval
 
         require_lm_eval()
-    model, tokenizer = load_model(base.model, DTYPES[base.dtype], base.device or default_device())
-    arch = arch_for(model.config)
-    needed = max(c.windows_needed(METHODS[c.prune_method].uses_activations) for c in configs)
-    windows = None
-    if needed:
-        source = data.load_text(base.dataset, "calibration", root, base.prune.seed)
-        windows = data.calibration_windows(data.tokenize(tokenizer, source.text), needed, base.seqlen, base.prune.seed)
-    eval_windows = {}
-    for name in datasets:
-        source = data.load_text(name, "evaluation", root)
-        tokens = data.tokenize(tokenizer, source.text)
-        eval_windows[name] = data.evaluation_windows(tokens, base.seqlen, name, base.eval_samples)
+    needed = max(c.prune.windows_needed(make_method(c.prune).uses_activations) for c in configs)
+    texts = read_texts(base, needed)
+    device = base.device or default_device()
+    model, tokenizer = load_model(base.model, torch_dtype(base.dtype), device)
+    workload = make_workload(tokenizer, base, texts, needed, Timer())
 
-    def evaluate(m) -> dict:
-        result = {"ppl": {n: perplexity(m, w, base.eval_batch_size, progress, desc=n) for n, w in eval_windows.items()}}
-        if base.zero_shot:
-            from grail.evaluate.zero_shot import zero_shot
+    def execute(config: RunConfig, model) -> dict:
+        timer, started = Timer(), time.perf_counter()
+        report, evaluations, zero_shot = prune_and_evaluate(
+            model, tokenizer, config, workload, timer, progress=progress, cache=cache
+        )
+        return results(config, report, evaluations, zero_shot, timer, started, workload, device)
 
-            result["zero_shot"] = zero_shot(
-                m, tokenizer, batch_size=base.eval_batch_size, limit=base.zero_shot_limit, data_dir=root
-            )
-        return result
-
+    cache: dict = {}  # first-layer inputs and dense scoring passes, reused across runs
     dense_path = out / "runs" / "dense.json"
     if not dense_path.exists():
-        _write_atomic(dense_path, evaluate(model))
+        write_json(dense_path, execute(replace(base, prune=replace(base.prune, pruning_ratio=0.0)), model))
     dense = json.loads(dense_path.read_text())
-    shared: dict = {}  # first-layer inputs and dense scoring passes, reused across runs
-    results = []
-    for number, (overrides, prune) in enumerate(zip(runs, configs, strict=True), start=1):
+    results_ = []
+    for number, (overrides, config) in enumerate(zip(runs, configs, strict=True), start=1):
         path = out / "runs" / f"{run_key(overrides)}.json"
         if path.exists():
-            results.append(json.loads(path.read_text()))
+            results_.append(json.loads(path.read_text()))
             log.info("sweep run %d/%d: %s (done before)", number, len(runs), run_key(overrides))
             continue
         log.info("sweep run %d/%d: %s", number, len(runs), run_key(overrides))
-        pruned = copy.deepcopy(model)
-        timer = Timer()
-        report = prune_model(pruned, windows, prune, timer, progress=progress, shared=shared)
-        seconds = timer.as_dict()
-        result = {
-            "overrides": overrides,
-            **evaluate(pruned),
-            "params": {
-                "before": report.params_before,
-                "after": linear_param_count(arch, pruned),
-                "removed_fraction": report.removed_fraction,
-            },
-            "timings": {f"{k}_s": v for k, v in seconds.items()} | {"prune_total_s": round(sum(seconds.values()), 4)},
-            "prune": report.as_dict(),
-            "config": replace(base, prune=prune).to_dict(),
-        }
-        _write_atomic(path, result)
-        results.append(result)
-        del pruned
+        result = {"overrides": overrides, **execute(config, copy.deepcopy(model))}
+        write_json(path, result)
+        results_.append(result)
     summary = {
         "model": base.model,
         "seqlen": base.seqlen,
         "calibration_windows": needed,
-        "evaluation_windows": {name: len(w) for name, w in eval_windows.items()},
+        "evaluation_windows": {name: len(e.windows) for name, e in workload.evaluation.items()},
         "zero_shot_limit": base.zero_shot_limit if base.zero_shot else None,
         "dense": dense,
-        "results": results,
+        "results": results_,
         "versions": library_versions(),
     }
-    _write_atomic(out / "sweep.json", summary)
+    write_json(out / "sweep.json", summary)
     (out / "table.md").write_text(markdown_table(summary, runs))
     plot(summary, runs, out / "ppl.png")
     return summary
@@ -179,9 +155,9 @@ def _rows(summary: dict, runs: list[dict]) -> dict[tuple[str, str], dict[float, 
     varied = {k for k in keys if len({str(r[k]) for r in runs if k in r}) > 1}
     rows: dict[tuple[str, str], dict[float, dict]] = {}
     for result in summary["results"]:
-        prune = PruneConfig(**result["config"]["prune"])
+        prune = result["config"]["prune"]
         for name in result["ppl"]:
-            rows.setdefault((name, run_label(prune, varied)), {})[prune.pruning_ratio] = result
+            rows.setdefault((name, run_label(prune, varied)), {})[prune["pruning_ratio"]] = result
     return rows
 
 
@@ -232,7 +208,7 @@ def plot(summary: dict, runs: list[dict], path: Path) -> None:
     rows = _rows(summary, runs)
     datasets = sorted({name for name, _ in rows})
     fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.5), squeeze=False)
-    methods = sorted({PruneConfig(**r["config"]["prune"]).prune_method for r in summary["results"]})
+    methods = sorted({r["config"]["prune"]["prune_method"] for r in summary["results"]})
     colours = {m: f"C{i}" for i, m in enumerate(methods)}
     markers = {}  # variants of one method get different markers
     for ax, name in zip(axes[0], datasets, strict=True):
@@ -240,12 +216,12 @@ def plot(summary: dict, runs: list[dict], path: Path) -> None:
             if dataset != name:
                 continue
             ratios = sorted(values)
-            prune = PruneConfig(**values[ratios[0]]["config"]["prune"])
+            prune = values[ratios[0]]["config"]["prune"]
             ax.plot(
                 [100 * r for r in ratios],
                 [values[r]["ppl"][name] for r in ratios],
-                linestyle="-" if prune.compensate else "--",
-                color=colours[prune.prune_method],
+                linestyle="-" if prune["compensate"] else "--",
+                color=colours[prune["prune_method"]],
                 marker=markers.setdefault(
                     label, "os^vDP*X"[sum(1 for k in markers if k.split()[0] == label.split()[0]) % 8]
                 ),

@@ -23,16 +23,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from grail.models.arch import LayerShape
-
-ATTENTION_UNITS = ("group", "query")
+from grail.config import ATTENTION_UNITS
+from grail.models.arch import HeadLayout, LayerShape
 
 
 @dataclass(frozen=True)
 class BlockUnits:
     """The units of one block (attention or MLP) of one layer."""
 
-    kind: str  # "attn" or "mlp"
     columns: Tensor  # [n_units, width] consumer-input columns owned by each unit
     cost: int  # parameters removed with one unit (producer rows + consumer columns)
     heads: Tensor | None = None  # [n_units, heads_per_unit] query heads (attention only)
@@ -42,10 +40,13 @@ class BlockUnits:
         return self.columns.shape[0]
 
     def kept_columns(self, kept_units: Tensor) -> Tensor:
+        """Consumer-input columns of the kept units, ascending."""
         return self.columns[kept_units].flatten().sort().values
 
     def kept_heads(self, kept_units: Tensor) -> Tensor:
-        assert self.heads is not None, "only attention blocks have heads"
+        """Query heads of the kept units, ascending (attention only)."""
+        if self.heads is None:
+            raise ValueError("only attention blocks have heads")
         return self.heads[kept_units].flatten().sort().values
 
     def unit_scores(self, column_scores: Tensor) -> Tensor:
@@ -56,13 +57,18 @@ class BlockUnits:
 def mlp_units(shape: LayerShape, producer_bias: bool = False) -> BlockUnits:
     columns = torch.arange(shape.intermediate_size).unsqueeze(1)
     cost = 3 * shape.hidden_size + (2 if producer_bias else 0)
-    return BlockUnits("mlp", columns, cost)
+    return BlockUnits(columns, cost)
 
 
-def _head_columns(heads: Tensor, head_dim: int) -> Tensor:
-    """[n_units, k] head indices -> [n_units, k * head_dim] column indices."""
-    offsets = torch.arange(head_dim)
-    return (heads.unsqueeze(-1) * head_dim + offsets).flatten(1)
+def query_head_cost(shape: LayerShape, qkv_bias: bool = False) -> int:
+    """Parameters one query head owns: its q rows (and bias) and its o columns."""
+    return shape.head_dim * (shape.hidden_size + int(qkv_bias)) + shape.head_dim * shape.hidden_size
+
+
+def head_units(layout: HeadLayout, heads: Tensor, cost: int) -> BlockUnits:
+    """Attention units made of the query heads in each row of ``heads`` (``[n_units, k]``)."""
+    heads = torch.as_tensor(heads, dtype=torch.long)
+    return BlockUnits(layout.columns(heads), cost, heads)
 
 
 def attention_units(
@@ -74,20 +80,13 @@ def attention_units(
     """Attention units of a layer; ``head_scores`` are needed to form query bundles."""
     if unit not in ATTENTION_UNITS:
         raise ValueError(f"attention unit must be one of {ATTENTION_UNITS}, got {unit!r}")
-    hd, hidden, g, n_kv = shape.head_dim, shape.hidden_size, shape.group_size, shape.num_kv_heads
-    q_head_cost = hd * (hidden + int(qkv_bias)) + hd * hidden  # q rows + o columns
-    if unit == "group" or g == 1:
-        heads = torch.arange(shape.num_heads).view(n_kv, g)
-        cost = g * q_head_cost + 2 * hd * (hidden + int(qkv_bias))
-    else:
-        if head_scores is None:
-            raise ValueError("query-head bundles are formed from head scores; none were given")
-        # Rank the query heads inside each group, least important first; bundle j takes
-        # the j-th ranked head of every group.
-        ranks = torch.argsort(head_scores.view(n_kv, g), dim=1, stable=True)
-        heads = (ranks + torch.arange(n_kv).unsqueeze(1) * g).T.contiguous()
-        cost = n_kv * q_head_cost
-    return BlockUnits("attn", _head_columns(heads, hd), cost, heads)
+    layout = shape.heads
+    if unit == "group" or layout.group_size == 1:
+        kv_cost = 2 * shape.head_dim * (shape.hidden_size + int(qkv_bias))
+        return head_units(layout, layout.groups(), layout.group_size * query_head_cost(shape, qkv_bias) + kv_cost)
+    if head_scores is None:
+        raise ValueError("query-head bundles are formed from head scores; none were given")
+    return head_units(layout, layout.bundles(head_scores), layout.num_kv_heads * query_head_cost(shape, qkv_bias))
 
 
 def top_units(scores: Tensor, n_keep: int) -> Tensor:

@@ -1,20 +1,21 @@
-"""Pruning methods (selectors), by their command-line names."""
+"""Pruning methods by their command-line names: each a selector, an allocator and layer transforms."""
 
 from __future__ import annotations
 
-from grail.methods.base import BlockContext, Decision, Method
-from grail.methods.flap import FLAP
-from grail.methods.magnitude import MagnitudeSP
-from grail.methods.slimgpt import SlimGPT
-from grail.methods.wanda import WandaSP
-from grail.methods.wanda_pp import WandaPP
+from grail.config import METHODS as METHOD_NAMES
+from grail.config import PruneConfig
+from grail.methods import flap, magnitude, slimgpt, wanda, wanda_pp
+from grail.methods.base import Block, Decision, Evidence, Method, MethodSpec
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (FLAP, MagnitudeSP, SlimGPT, WandaSP, WandaPP)}
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec for spec in (m.SPEC for m in (flap, magnitude, slimgpt, wanda, wanda_pp))
+}
+assert set(METHODS) == set(METHOD_NAMES), "every method named in grail.config is registered here"
 
 
-def make_method(config) -> Method:
+def make_method(config: PruneConfig) -> Method:
     """The method named by ``config.prune_method``, set up with ``config``."""
-    return METHODS[config.prune_method](config)
+    return METHODS[config.prune_method].build(config)
 
 
-__all__ = ["METHODS", "BlockContext", "Decision", "Method", "make_method"]
+__all__ = ["METHODS", "Block", "Decision", "Evidence", "Method", "MethodSpec", "make_method"]

@@ -1,28 +1,37 @@
-"""What a pruning method decides for one block, and the allocation shared by uniform methods."""
+"""A pruning method is a composition of three parts, each testable without a model:
+
+* a **selector** (pure): a block's statistics in, the units to keep out;
+* an **allocator**: how many units each block loses (uniform per layer, growing with depth,
+  or planned over the whole model from one scoring pass of the dense model);
+* optional **layer transforms**: work on a whole decoder layer before its blocks are
+  pruned and after (Wanda++'s regional gradients and regional optimisation).
+
+The engine (:mod:`grail.engine`) drives the parts in the same way for every method.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from grail.config import PruneConfig
+from grail.compensate import Moments
+from grail.config import MethodOptions, PruneConfig
 from grail.models.arch import LayerShape
 from grail.stats import InputStats
 from grail.units import BlockUnits, attention_units, mlp_units, top_units
 
 
-@dataclass
-class BlockContext:
-    """Everything a method may look at to prune one block of one layer."""
+@dataclass(frozen=True)
+class Block:
+    """One prunable block (attention or MLP) of one decoder layer."""
 
     layer_index: int
     kind: str  # "attn" or "mlp"
     shape: LayerShape
-    consumer: nn.Linear
-    stats: InputStats | None  # statistics of the consumer's inputs (selection samples)
-    n_remove: int  # units to remove under the layer's allocation
+    consumer: nn.Linear  # o_proj or down_proj: its inputs are the block's units
     attention_unit: str  # "group" or "query"
     producer_bias: bool  # q/k/v (or gate/up) carry biases, which removal also saves
 
@@ -38,70 +47,120 @@ class BlockContext:
         return attention_units(self.shape, self.attention_unit, head_scores, self.producer_bias)
 
 
-@dataclass
+@dataclass(frozen=True)
+class Evidence:
+    """What a selector may read about a block besides its weights."""
+
+    stats: InputStats | None = None  # statistics of the consumer's inputs (selection windows)
+    gradient: Tensor | None = None  # regional gradient of the consumer's weight (Wanda++)
+
+
+@dataclass(frozen=True)
 class Decision:
-    """Kept units of a block, and optionally the method's own new consumer (weight O x K, bias shift)."""
+    """The kept units of a block; ``refit``: the method's own consumer is the least-squares refit on these moments."""
 
     units: BlockUnits
     kept: Tensor
-    weight: Tensor | None = None
-    bias_shift: Tensor | None = None
+    refit: Moments | None = None
+
+    @property
+    def kept_columns(self) -> Tensor:
+        return self.units.kept_columns(self.kept)
 
 
-class Method:
-    """A structured pruning method (a *selector*): decides which units of a block stay.
+class Selector:
+    """Decides which units of a block stay; pure: weights and statistics in, decision out."""
 
-    The engine asks, for each layer in order, how many units each block loses
-    (:meth:`allocate`) and then which ones (:meth:`decide`). Methods that allocate
-    across layers set ``global_plan``: the engine then hands :meth:`plan` every block
-    with statistics from one pass over the dense model before any layer is pruned.
-    """
+    uses_activations: bool = True  # needs calibration statistics
+    needs_gram: bool = False  # its statistics must include the Gram matrix
+    mean_bias: bool = False  # plain pruning adds the removed units' mean contribution as a bias
 
-    name: str = ""
-    uses_activations: bool = True  # needs calibration statistics to select units
-    needs_gram: bool = False  # its selection statistics must include the Gram matrix
-    supports_bias_compensation: bool = False  # FLAP-style mean bias on the consumer
-    global_plan: bool = False
-    float32_layers: bool = False  # process each layer in float32 (restored afterwards)
-    defer_compensation: bool = False  # compensate only after finish_layer
+    def unit_scores(self, block: Block, evidence: Evidence) -> tuple[BlockUnits, Tensor]:
+        """The block's units and a score for each (higher: more important)."""
+        raise NotImplementedError
 
-    def __init__(self, config: PruneConfig):
-        self.config = config
+    def select(self, block: Block, evidence: Evidence, n_remove: int) -> Decision:
+        """Keep the best-scored units."""
+        units, scores = self.unit_scores(block, evidence)
+        return Decision(units, top_units(scores, units.count - n_remove))
+
+
+class ColumnScoreSelector(Selector):
+    """Scores each consumer input column; a unit's score is the sum over its columns."""
+
+    def column_scores(self, block: Block, evidence: Evidence) -> Tensor:
+        raise NotImplementedError
+
+    def unit_scores(self, block: Block, evidence: Evidence) -> tuple[BlockUnits, Tensor]:
+        scores = self.column_scores(block, evidence).cpu()
+        units = block.units(scores)
+        return units, units.unit_scores(scores)
+
+
+class Allocator:
+    """How many units each block of a layer loses."""
+
+    is_global: bool = False  # plans every layer at once from the dense model's scores
 
     def allocate(
         self, layer_index: int, n_layers: int, attention: BlockUnits, mlp: BlockUnits, layer_params: int
     ) -> tuple[int, int]:
         """Units to remove from the layer's (attention, MLP) blocks."""
-        return uniform_allocation(self.config.pruning_ratio, attention, mlp, layer_params)
-
-    def observe(self, ctx: BlockContext) -> None:
-        """Called during the dense scoring pass (``global_plan`` methods), while the layer is loaded."""
-
-    def plan(self, blocks: list[dict[str, BlockContext]], layer_params: list[int]) -> None:
-        """Decide every layer's allocation at once (``global_plan`` methods only)."""
         raise NotImplementedError
 
-    def decide(self, ctx: BlockContext) -> Decision:
-        raise NotImplementedError
-
-    def begin_layer(self, layer: nn.Module, arch, calib, index: int) -> None:
-        """Called with the dense layer and its calibration inputs, before any block is pruned."""
-
-    def finish_layer(self, layer: nn.Module, arch, calib, index: int) -> None:
-        """Called after both blocks are pruned, before deferred compensation and the outputs pass."""
+    def plan(self, scored: list[dict[str, tuple[BlockUnits, Tensor]]], layer_params: list[int]) -> None:
+        """Global allocators: every layer's blocks with their units and unit scores, before any pruning."""
 
 
-class ScoreMethod(Method):
-    """Methods that score each consumer column and keep the best units, uniformly per layer."""
+@dataclass
+class UniformAllocation(Allocator):
+    """Every layer loses ``ratio`` of its parameters (``attention_per_layer``: a fixed number of attention units)."""
 
-    def column_scores(self, ctx: BlockContext) -> Tensor:
-        raise NotImplementedError
+    ratio: float
+    attention_per_layer: int | None = None
 
-    def decide(self, ctx: BlockContext) -> Decision:
-        scores = self.column_scores(ctx).cpu()
-        units = ctx.units(scores)
-        kept = top_units(units.unit_scores(scores), units.count - ctx.n_remove)
-        return Decision(units, kept)
+    def allocate(
+        self, layer_index: int, n_layers: int, attention: BlockUnits, mlp: BlockUnits, layer_params: int
+    ) -> tuple[int, int]:
+        return uniform_allocation(self.ratio, attention, mlp, layer_params, self.attention_per_layer)
+
+
+class LayerTransform:
+    """Work on a whole decoder layer around the pruning of its blocks."""
+
+    float32: bool = False  # run the layer in float32 while the transform works (restored afterwards)
+
+    def begin(self, layer: nn.Module, arch, calib, index: int) -> dict[str, Evidence]:
+        """With the dense layer and its calibration inputs; may return evidence for each block kind."""
+        return {}
+
+    def finish(self, layer: nn.Module, arch, calib, index: int) -> None:
+        """After both blocks are pruned, before deferred compensation and the outputs pass."""
+
+
+@dataclass
+class Method:
+    """A pruning method: selector, allocator and layer transforms."""
+
+    name: str
+    selector: Selector
+    allocator: Allocator
+    transforms: tuple[LayerTransform, ...] = ()
+    # Compensate after the transforms' finish (on the weights as they left them), not at once.
+    defer_compensation: bool = False
+
+    @property
+    def uses_activations(self) -> bool:
+        return self.selector.uses_activations or bool(self.transforms)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method: how to build it from a configuration, and its own options."""
+
+    name: str
+    build: Callable[[PruneConfig], Method]
+    options: type[MethodOptions] | None = None
 
 
 def uniform_allocation(

@@ -27,16 +27,36 @@ constant 512/3 channels per head holds only for multi-head attention with ``head
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
+from grail.config import MethodOptions, PruneConfig, option
 from grail.errors import GrailError
-from grail.methods.base import BlockContext, Decision, Method, uniform_allocation
+from grail.methods.base import (
+    Allocator,
+    Block,
+    BlockUnits,
+    ColumnScoreSelector,
+    Evidence,
+    Method,
+    MethodSpec,
+    UniformAllocation,
+)
 from grail.stats import InputStats
-from grail.units import BlockUnits, top_units
 
 METRICS = ("IFV", "WIFV", "WIFN")
 STRUCTURES = ("UL-UM", "UL-MM", "AL-MM", "AL-AM")
+
+
+@dataclass(frozen=True)
+class FLAPOptions(MethodOptions):
+    method = "flap"
+
+    metrics: str = option("WIFV", "FLAP importance metric", choices=METRICS)
+    structure: str = option("AL-AM", "FLAP allocation structure", choices=STRUCTURES)
+    remove_heads: int = option(8, "attention units to remove in total (FLAP UL-MM / AL-MM)", minimum=0)
 
 
 def flap_column_scores(metric: str, weight: Tensor, stats: InputStats, kind: str) -> Tensor:
@@ -65,93 +85,108 @@ def global_cut(costs: Tensor, target: float) -> int:
     return int((removed - target).abs().argmin())
 
 
-class FLAP(Method):
-    name = "flap"
-    supports_bias_compensation = True
+@dataclass
+class FLAPSelector(ColumnScoreSelector):
+    """FLAP's metric; ``standardized``: a unit scores the mean of its standardised columns (adaptive structures)."""
 
-    def __init__(self, config):
-        super().__init__(config)
-        if config.metrics not in METRICS:
-            raise GrailError(f"--metrics must be one of {', '.join(METRICS)}, got {config.metrics!r}.")
-        if config.structure not in STRUCTURES:
-            raise GrailError(f"--structure must be one of {', '.join(STRUCTURES)}, got {config.structure!r}.")
-        if config.remove_heads < 0:
-            raise GrailError(f"--remove_heads must be >= 0, got {config.remove_heads}.")
-        self.metric = config.metrics
-        self.structure = config.structure
-        self.global_plan = config.structure.startswith("AL")
-        self._plan: dict[tuple[int, str], Decision] = {}
-        self._dense_scores: dict[tuple[int, str], Tensor] = {}
+    metric: str = "WIFV"
+    standardized: bool = False
+    mean_bias = True
 
-    def _scores(self, ctx: BlockContext) -> Tensor:
-        key = (ctx.layer_index, ctx.kind)
-        if key in self._dense_scores:  # scored during the dense pass (the layer may be released since)
-            return self._dense_scores[key]
-        return flap_column_scores(self.metric, ctx.consumer.weight, ctx.stats, ctx.kind).cpu()
+    def column_scores(self, block: Block, evidence: Evidence) -> Tensor:
+        return flap_column_scores(self.metric, block.consumer.weight, evidence.stats, block.kind)
 
-    def observe(self, ctx: BlockContext) -> None:
-        self._dense_scores[(ctx.layer_index, ctx.kind)] = self._scores(ctx)
+    def unit_scores(self, block: Block, evidence: Evidence) -> tuple[BlockUnits, Tensor]:
+        if not self.standardized:
+            return super().unit_scores(block, evidence)
+        z = standardize(self.column_scores(block, evidence).cpu())
+        units = block.units(z)
+        return units, units.unit_scores(z) / units.columns.shape[1]
+
+
+@dataclass
+class GlobalAllocation(Allocator):
+    """FLAP's adaptive structures: the units of all layers ranked together by their scores.
+
+    ``AL-AM``: cut where the removed parameters reach ``ratio`` of the decoder's; ``AL-MM``:
+    the ``remove_heads`` lowest attention units, and MLP channels for the rest of the budget.
+    Each block keeps its best unit.
+    """
+
+    ratio: float
+    attention_budget: int | None = None  # AL-MM: attention units to remove in the whole model
+    is_global = True
+
+    def __post_init__(self) -> None:
+        self._counts: dict[tuple[int, str], int] = {}
+
+    def plan(self, scored: list[dict[str, tuple[BlockUnits, Tensor]]], layer_params: list[int]) -> None:
+        target = self.ratio * sum(layer_params)
+        # Candidates: (score, -unit, cost, kind, layer); ties go first to the higher unit index,
+        # as in top_units, so the per-block selection picks exactly the planned units.
+        pools: dict[str, list[tuple]] = {"attn": [], "mlp": []}
+        for layer_index, blocks in enumerate(scored):
+            for kind, (units, scores) in blocks.items():
+                best = int(scores.argmax())
+                pools[kind] += [
+                    (score, -u, units.cost, kind, layer_index) for u, score in enumerate(scores.tolist()) if u != best
+                ]
+        if self.attention_budget is None:
+            removed = _lowest_within_budget(pools["attn"] + pools["mlp"], target)
+        else:
+            if self.attention_budget > len(pools["attn"]):
+                raise GrailError(
+                    f"--remove_heads {self.attention_budget} exceeds the {len(pools['attn'])} attention "
+                    "units that can go (each layer keeps one)."
+                )
+            removed = sorted(pools["attn"])[: self.attention_budget]
+            attn_cost = sum(cost for _, _, cost, *_ in removed)
+            removed += _lowest_within_budget(pools["mlp"], max(target - attn_cost, 0.0))
+        self._counts = {(layer, kind): 0 for layer, blocks in enumerate(scored) for kind in blocks}
+        for *_, kind, layer_index in removed:
+            self._counts[(layer_index, kind)] += 1
 
     def allocate(
         self, layer_index: int, n_layers: int, attention: BlockUnits, mlp: BlockUnits, layer_params: int
     ) -> tuple[int, int]:
-        if self.global_plan:
-            return tuple(
-                self._plan[(layer_index, kind)].units.count - len(self._plan[(layer_index, kind)].kept)
-                for kind in ("attn", "mlp")
-            )
-        ratio = self.config.pruning_ratio
-        if self.structure == "UL-MM":
-            per_layer = self.config.remove_heads // n_layers
-            return uniform_allocation(ratio, attention, mlp, layer_params, n_attention=per_layer)
-        return uniform_allocation(ratio, attention, mlp, layer_params)
-
-    def decide(self, ctx: BlockContext) -> Decision:
-        if self.global_plan:
-            return self._plan[(ctx.layer_index, ctx.kind)]
-        scores = self._scores(ctx)
-        units = ctx.units(scores)
-        return Decision(units, top_units(units.unit_scores(scores), units.count - ctx.n_remove))
-
-    def plan(self, blocks: list[dict[str, BlockContext]], layer_params: list[int]) -> None:
-        """Rank the units of all layers by standardised scores and cut at the parameter budget."""
-        target = self.config.pruning_ratio * sum(layer_params)
-        # Candidates for removal: (score, cost, kind, layer, unit); each block's best unit stays.
-        pools: dict[str, list[tuple[float, int, str, int, int]]] = {"attn": [], "mlp": []}
-        units_of: dict[tuple[int, str], BlockUnits] = {}
-        for layer in blocks:
-            for kind, ctx in layer.items():
-                z = standardize(self._scores(ctx))
-                units = ctx.units(z)
-                unit_scores = units.unit_scores(z) / units.columns.shape[1]  # mean of standardised columns
-                best = int(unit_scores.argmax())
-                units_of[(ctx.layer_index, kind)] = units
-                pools[kind] += [
-                    (score, units.cost, kind, ctx.layer_index, u)
-                    for u, score in enumerate(unit_scores.tolist())
-                    if u != best
-                ]
-        if self.structure == "AL-AM":
-            removed = _lowest_within_budget(pools["attn"] + pools["mlp"], target)
-        else:  # AL-MM: a fixed number of attention units, MLP channels for the rest of the budget
-            if self.config.remove_heads > len(pools["attn"]):
-                raise GrailError(
-                    f"--remove_heads {self.config.remove_heads} exceeds the {len(pools['attn'])} attention "
-                    "units that can go (each layer keeps one)."
-                )
-            removed = sorted(pools["attn"])[: self.config.remove_heads]
-            attn_cost = sum(cost for _, cost, *_ in removed)
-            removed += _lowest_within_budget(pools["mlp"], max(target - attn_cost, 0.0))
-        gone: dict[tuple[int, str], set[int]] = {key: set() for key in units_of}
-        for _, _, kind, layer_index, unit in removed:
-            gone[(layer_index, kind)].add(unit)
-        for key, units in units_of.items():
-            kept = torch.tensor([u for u in range(units.count) if u not in gone[key]], dtype=torch.long)
-            self._plan[key] = Decision(units, kept)
+        return self._counts[(layer_index, "attn")], self._counts[(layer_index, "mlp")]
 
 
 def _lowest_within_budget(pool: list[tuple], target: float) -> list[tuple]:
-    """The lowest-scored candidates whose total cost (second field) is closest to ``target``."""
+    """The lowest-scored candidates whose total cost (third field) is closest to ``target``."""
     ordered = sorted(pool)
-    costs = torch.tensor([float(c[1]) for c in ordered], dtype=torch.float64)
+    costs = torch.tensor([float(c[2]) for c in ordered], dtype=torch.float64)
     return ordered[: global_cut(costs, target)]
+
+
+def build(config: PruneConfig) -> Method:
+    opts = config.options_for(FLAPOptions)
+    adaptive = opts.structure.startswith("AL")
+    selector = FLAPSelector(opts.metrics, standardized=adaptive)
+    if opts.structure == "AL-AM":
+        allocator: Allocator = GlobalAllocation(config.pruning_ratio)
+    elif opts.structure == "AL-MM":
+        allocator = GlobalAllocation(config.pruning_ratio, attention_budget=opts.remove_heads)
+    elif opts.structure == "UL-MM":
+        # Every layer loses --remove_heads // layers attention units; known once the layers are counted.
+        allocator = _PerLayerHeads(config.pruning_ratio, opts.remove_heads)
+    else:
+        allocator = UniformAllocation(config.pruning_ratio)
+    return Method("flap", selector, allocator)
+
+
+@dataclass
+class _PerLayerHeads(Allocator):
+    """UL-MM: ``remove_heads // layers`` attention units per layer, MLP channels for the rest of the budget."""
+
+    ratio: float
+    remove_heads: int
+
+    def allocate(
+        self, layer_index: int, n_layers: int, attention: BlockUnits, mlp: BlockUnits, layer_params: int
+    ) -> tuple[int, int]:
+        per_layer = UniformAllocation(self.ratio, self.remove_heads // n_layers)
+        return per_layer.allocate(layer_index, n_layers, attention, mlp, layer_params)
+
+
+SPEC = MethodSpec("flap", build, FLAPOptions)

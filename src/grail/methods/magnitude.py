@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from grail.methods.base import BlockContext, ScoreMethod
+from grail.config import PruneConfig
+from grail.methods.base import Block, ColumnScoreSelector, Evidence, Method, MethodSpec, UniformAllocation
 from grail.methods.scores import magnitude_scores
 
 
-class MagnitudeSP(ScoreMethod):
-    name = "mag_sp"
+class MagnitudeSelector(ColumnScoreSelector):
     uses_activations = False
 
-    def column_scores(self, ctx: BlockContext) -> Tensor:
-        return magnitude_scores(ctx.consumer.weight)
+    def column_scores(self, block: Block, evidence: Evidence) -> Tensor:
+        return magnitude_scores(block.consumer.weight)
+
+
+def build(config: PruneConfig) -> Method:
+    return Method("mag_sp", MagnitudeSelector(), UniformAllocation(config.pruning_ratio))
+
+
+SPEC = MethodSpec("mag_sp", build)

@@ -23,13 +23,25 @@ bias compensation the refit has an intercept that becomes the consumer's bias.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from grail.compensate import Moments, fit_consumer, solve_spd
-from grail.methods.base import BlockContext, Decision, Method, uniform_allocation
-from grail.units import BlockUnits
+from grail.compensate import Moments, solve_spd
+from grail.config import PruneConfig
+from grail.methods.base import (
+    Allocator,
+    Block,
+    Decision,
+    Evidence,
+    Method,
+    MethodSpec,
+    Selector,
+    uniform_allocation,
+)
+from grail.models.arch import HeadLayout
+from grail.units import BlockUnits, head_units
 
 DAMPING = 0.01  # share of the mean diagonal added to the Hessian
 
@@ -111,20 +123,19 @@ def prune_heads(weight: Tensor, hinv: Tensor, units: BlockUnits, n_remove: int) 
     return removed
 
 
-def prune_query_heads(weight: Tensor, hinv: Tensor, head_dim: int, group_size: int, n_rounds: int) -> list[list[int]]:
+def prune_query_heads(weight: Tensor, hinv: Tensor, layout: HeadLayout, n_rounds: int) -> list[list[int]]:
     """Query-bundle mode: each round removes the lowest-scored remaining head of every key/value group."""
-    n_heads = weight.shape[1] // head_dim
-    alive_heads = [list(range(g * group_size, (g + 1) * group_size)) for g in range(n_heads // group_size)]
+    alive_heads = layout.groups().tolist()
     alive = list(range(weight.shape[1]))
     rounds = []
     for _ in range(n_rounds):
         heads = [h for group in alive_heads for h in group]
-        columns = torch.tensor([[h * head_dim + d for d in range(head_dim)] for h in heads])
+        columns = layout.columns(torch.tensor(heads).unsqueeze(1))
         scores = dict(
             zip(heads, block_scores(weight, hinv, _positions(columns, alive).to(weight.device)).tolist(), strict=True)
         )
         bundle = [min(group, key=scores.get) for group in alive_heads]
-        cols = torch.tensor([[h * head_dim + d for h in bundle for d in range(head_dim)]])
+        cols = layout.columns(torch.tensor([bundle]))
         weight, hinv = obs_remove(weight, hinv, _positions(cols, alive)[0].to(weight.device))
         gone = set(cols[0].tolist())
         alive = [c for c in alive if c not in gone]
@@ -147,52 +158,59 @@ def prune_channels(weight: Tensor, hinv: Tensor, n_remove: int) -> list[int]:
     return removed
 
 
-class SlimGPT(Method):
-    name = "slimgpt"
+class SlimGPTSelector(Selector):
+    """Structured OBS on the damped Hessian; the method's consumer is the refit its updates end at."""
+
     needs_gram = True
-    supports_bias_compensation = True  # the final refit gets an intercept
+    mean_bias = True  # the refit gets an intercept
+
+    def select(self, block: Block, evidence: Evidence, n_remove: int) -> Decision:
+        stats = evidence.stats
+        weight = block.consumer.weight.to(torch.float64)
+        hessian = damped_hessian(stats.gram.to(weight.device))
+        hinv, _ = solve_spd(hessian, torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device))
+        if block.kind == "mlp":
+            units = block.units()
+            removed = prune_channels(weight, hinv, n_remove)
+        elif block.attention_unit == "query" and block.shape.group_size > 1:
+            rounds = prune_query_heads(weight, hinv, block.shape.heads, n_remove)
+            units = _bundles(block, rounds)
+            removed = list(range(len(rounds)))
+        else:
+            units = block.units()
+            removed = prune_heads(weight, hinv, units, n_remove)
+        gone = set(removed)
+        kept = torch.tensor([u for u in range(units.count) if u not in gone], dtype=torch.long)
+        # The updates above compose to the least-squares refit of the kept columns with H.
+        return Decision(units, kept, refit=Moments(hessian, stats.sum.to(hessian), stats.count))
+
+
+@dataclass
+class LogIncreasingAllocation(Allocator):
+    """SlimGPT's schedule: layer ``i`` loses :func:`log_increasing_ratios` ``[i]`` of its parameters."""
+
+    ratio: float
 
     def allocate(
         self, layer_index: int, n_layers: int, attention: BlockUnits, mlp: BlockUnits, layer_params: int
     ) -> tuple[int, int]:
-        ratio = log_increasing_ratios(self.config.pruning_ratio, n_layers)[layer_index]
-        return uniform_allocation(ratio, attention, mlp, layer_params)
-
-    def decide(self, ctx: BlockContext) -> Decision:
-        stats = ctx.stats
-        weight = ctx.consumer.weight.to(torch.float64)
-        hessian = damped_hessian(stats.gram.to(weight.device))
-        hinv, _ = solve_spd(hessian, torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device))
-        if ctx.kind == "mlp":
-            units = ctx.units()
-            removed = prune_channels(weight, hinv, ctx.n_remove)
-        elif ctx.attention_unit == "query" and ctx.shape.group_size > 1:
-            rounds = prune_query_heads(weight, hinv, ctx.shape.head_dim, ctx.shape.group_size, ctx.n_remove)
-            units = _bundles(ctx, rounds)
-            removed = list(range(len(rounds)))
-        else:
-            units = ctx.units()
-            removed = prune_heads(weight, hinv, units, ctx.n_remove)
-        gone = set(removed)
-        kept = torch.tensor([u for u in range(units.count) if u not in gone], dtype=torch.long)
-        # The updates above compose to the least-squares refit of the kept columns with H.
-        fit = fit_consumer(
-            weight,
-            Moments(hessian, stats.sum.to(hessian), stats.count),
-            units.kept_columns(kept),
-            0.0,
-            affine=self.config.bias_compensation,
+        return uniform_allocation(
+            log_increasing_ratios(self.ratio, n_layers)[layer_index], attention, mlp, layer_params
         )
-        return Decision(units, kept, fit.weight, fit.bias_shift)
 
 
-def _bundles(ctx: BlockContext, rounds: list[list[int]]) -> BlockUnits:
+def _bundles(block: Block, rounds: list[list[int]]) -> BlockUnits:
     """Query bundles in removal order (removed rounds first, then the kept heads of each group)."""
-    g, n_kv = ctx.shape.group_size, ctx.shape.num_kv_heads
+    layout = block.shape.heads
     removed = {h for bundle in rounds for h in bundle}
-    kept = [[h for h in range(k * g, (k + 1) * g) if h not in removed] for k in range(n_kv)]
-    heads = [*rounds, *([group[j] for group in kept] for j in range(g - len(rounds)))]
-    base = ctx.units(torch.zeros(ctx.shape.num_heads * ctx.shape.head_dim))
-    heads_t = torch.tensor(heads, dtype=torch.long)
-    columns = (heads_t.unsqueeze(-1) * ctx.shape.head_dim + torch.arange(ctx.shape.head_dim)).flatten(1)
-    return BlockUnits("attn", columns, base.cost, heads_t)
+    kept = [[h for h in group if h not in removed] for group in layout.groups().tolist()]
+    heads = [*rounds, *([group[j] for group in kept] for j in range(layout.group_size - len(rounds)))]
+    cost = block.units(torch.zeros(layout.num_heads * layout.head_dim)).cost
+    return head_units(layout, torch.tensor(heads, dtype=torch.long), cost)
+
+
+def build(config: PruneConfig) -> Method:
+    return Method("slimgpt", SlimGPTSelector(), LogIncreasingAllocation(config.pruning_ratio))
+
+
+SPEC = MethodSpec("slimgpt", build)

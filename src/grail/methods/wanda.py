@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from grail.methods.base import BlockContext, ScoreMethod
+from grail.config import PruneConfig
+from grail.methods.base import Block, ColumnScoreSelector, Evidence, Method, MethodSpec, UniformAllocation
 from grail.methods.scores import wanda_scores
 
 
-class WandaSP(ScoreMethod):
-    name = "wanda_sp"
+class WandaSelector(ColumnScoreSelector):
+    def column_scores(self, block: Block, evidence: Evidence) -> Tensor:
+        return wanda_scores(block.consumer.weight, evidence.stats)
 
-    def column_scores(self, ctx: BlockContext) -> Tensor:
-        return wanda_scores(ctx.consumer.weight, ctx.stats)
+
+def build(config: PruneConfig) -> Method:
+    return Method("wanda_sp", WandaSelector(), UniformAllocation(config.pruning_ratio))
+
+
+SPEC = MethodSpec("wanda_sp", build)

@@ -17,108 +17,59 @@ After both blocks are pruned, regional optimisation (RO): ``--ro_iter`` rounds o
 subset, one sample per step, Adam at ``--ro_lr`` on every linear weight of the pruned
 layer, minimising the mean squared error to the dense outputs. GRAIL compensation runs
 after RO on the weights as RO left them (or before RO with ``--compensate_first``).
+
+The score is a pure function here; the layer transforms are in :mod:`grail.methods.regional`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from grail import distributed
-from grail.calibration import iter_samples, layer_output
-from grail.methods.base import BlockContext, ScoreMethod
-
-RO_SAMPLES = 32  # calibration samples used for the regional optimisation
+from grail.config import MethodOptions, PruneConfig, option
+from grail.methods.base import Block, ColumnScoreSelector, Evidence, Method, MethodSpec, UniformAllocation
+from grail.methods.regional import RegionalGradients, RegionalOptimisation
 
 
-def regional_gradients(layer: nn.Module, linears: list[nn.Linear], samples) -> list[Tensor]:
-    """``sqrt(mean_n (dL_n/dW)^2)`` for each linear weight, ``L_n = ||layer(x_n)|| / sqrt(numel)``.
+@dataclass(frozen=True)
+class WandaPPOptions(MethodOptions):
+    method = "wanda_pp_sp"
 
-    ``samples`` yields ``(sample id, hidden, kwargs)``; in a data-parallel run the squares
-    and the count are summed over processes.
-    """
-    squares = [torch.zeros_like(lin.weight, dtype=torch.float64) for lin in linears]
-    count = 0
-    with torch.enable_grad():
-        for lin in linears:
-            lin.weight.requires_grad_(True)
-        try:
-            for _, hidden, kwargs in samples:
-                out = layer_output(layer(hidden, **kwargs)).float()
-                loss = out.norm() / out.numel() ** 0.5
-                grads = torch.autograd.grad(loss, [lin.weight for lin in linears])
-                for acc, g in zip(squares, grads, strict=True):
-                    acc += g.double().square()
-                count += 1
-        finally:
-            for lin in linears:
-                lin.weight.requires_grad_(False)
-    for acc in squares:
-        distributed.all_reduce_sum(acc)
-    total = int(distributed.all_reduce_sum(torch.tensor(float(count), dtype=torch.float64)).item())
-    return [(acc / max(total, 1)).sqrt() for acc in squares]
+    ro_iter: int = option(5, "regional optimisation rounds", minimum=0)
+    ro_lr: float = option(3e-7, "regional optimisation learning rate", minimum=0.0)
+    compensate_first: bool = option(False, "apply compensation before regional optimisation")
+    alpha: float = option(100.0, "regional gradient score weight", minimum=0.0)
 
 
-def regional_optimisation(layer: nn.Module, samples: list, targets: list[Tensor], rounds: int, lr: float) -> float:
-    """Adam on the layer's linear weights towards the dense outputs; returns the final mean loss."""
-    params = [m.weight for m in layer.modules() if isinstance(m, nn.Linear)]
-    for p in params:
-        p.requires_grad_(True)
-    optimiser = torch.optim.Adam(params, lr=lr)
-    last = 0.0
-    try:
-        with torch.enable_grad():
-            for _ in range(rounds):
-                total = 0.0
-                for (hidden, kwargs), target in zip(samples, targets, strict=True):
-                    optimiser.zero_grad(set_to_none=True)
-                    loss = nn.functional.mse_loss(layer_output(layer(hidden, **kwargs)).float(), target.float())
-                    loss.backward()
-                    optimiser.step()
-                    total += loss.item()
-                last = total / max(len(targets), 1)
-    finally:
-        for p in params:
-            p.requires_grad_(False)
-            p.grad = None
-    return last
+def wanda_pp_column_scores(weight: Tensor, gradient: Tensor, sq_sum: Tensor, n_samples: int, alpha: float) -> Tensor:
+    """``mean_i (alpha |G_ij| + sqrt(x_j)) |W_ij|`` with ``x_j`` the per-sample mean of the token sum of ``h_j^2``."""
+    w = weight.to(torch.float64)
+    per_sample_energy = sq_sum.to(w.device) / n_samples
+    return ((alpha * gradient.to(w.device).abs() + per_sample_energy.sqrt()) * w.abs()).mean(dim=0)
 
 
-class WandaPP(ScoreMethod):
-    name = "wanda_pp_sp"
-    float32_layers = True  # the optimiser's tiny steps vanish in 16-bit weights
+@dataclass
+class WandaPPSelector(ColumnScoreSelector):
+    n_samples: int
+    alpha: float
 
-    def __init__(self, config):
-        super().__init__(config)
-        self.defer_compensation = config.compensate and not config.compensate_first
-        self._gradients: dict[str, Tensor] = {}
-        self._ro_samples: list = []
-        self._targets: list[Tensor] = []
-        self.ro_losses: list[float] = []
+    def column_scores(self, block: Block, evidence: Evidence) -> Tensor:
+        return wanda_pp_column_scores(
+            block.consumer.weight, evidence.gradient, evidence.stats.sq_sum, self.n_samples, self.alpha
+        )
 
-    def begin_layer(self, layer: nn.Module, arch, calib, index: int) -> None:
-        o_proj, down_proj = arch.attention_linears(layer)[3], arch.mlp_linears(layer)[2]
-        grads = regional_gradients(layer, [o_proj, down_proj], iter_samples(layer, calib, self.config.nsamples))
-        self._gradients = {"attn": grads[0], "mlp": grads[1]}
-        local = list(iter_samples(layer, calib, min(RO_SAMPLES, self.config.nsamples)))
-        with torch.no_grad():
-            mine = [(i, h.cpu(), layer_output(layer(h, **kw)).cpu()) for i, h, kw in local]
-        # Every process optimises on the same samples, in the same order, so all stay identical.
-        gathered = sorted((item for part in distributed.all_gather_objects(mine) for item in part), key=lambda t: t[0])
-        kwargs = local[0][2] if local else next(iter_samples(layer, calib, calib.n_samples + 10**9))[2]
-        device = next(layer.parameters()).device
-        self._ro_samples = [(h.to(device), kwargs) for _, h, _ in gathered]
-        self._targets = [t.to(device) for _, _, t in gathered]
 
-    def column_scores(self, ctx: BlockContext) -> Tensor:
-        w = ctx.consumer.weight.to(torch.float64)
-        per_sample_energy = ctx.stats.sq_sum.to(w.device) / self.config.nsamples
-        grad = self._gradients[ctx.kind].to(w.device)
-        return ((self.config.alpha * grad.abs() + per_sample_energy.sqrt()) * w.abs()).mean(dim=0)
+def build(config: PruneConfig) -> Method:
+    opts = config.options_for(WandaPPOptions)
+    return Method(
+        "wanda_pp_sp",
+        WandaPPSelector(config.nsamples, opts.alpha),
+        UniformAllocation(config.pruning_ratio),
+        (RegionalGradients(config.nsamples), RegionalOptimisation(config.nsamples, opts.ro_iter, opts.ro_lr)),
+        defer_compensation=config.compensate and not opts.compensate_first,
+    )
 
-    def finish_layer(self, layer: nn.Module, arch, calib, index: int) -> None:
-        if self.config.ro_iter > 0:
-            self.ro_losses.append(
-                regional_optimisation(layer, self._ro_samples, self._targets, self.config.ro_iter, self.config.ro_lr)
-            )
-        self._gradients, self._ro_samples, self._targets = {}, [], []
+
+SPEC = MethodSpec("wanda_pp_sp", build, WandaPPOptions)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from grail.errors import GrailError
 
@@ -83,6 +84,51 @@ def arch_for(config) -> ArchSpec:
 
 
 @dataclass(frozen=True)
+class HeadLayout:
+    """Where each attention head lives in a layer's projections.
+
+    Query head ``h`` owns rows ``h * head_dim ... (h + 1) * head_dim - 1`` of ``q_proj`` and
+    the same columns of ``o_proj``; key/value head ``g`` owns the same span of rows of
+    ``k_proj`` and ``v_proj`` and is read by the ``group_size`` consecutive query heads
+    ``g * group_size ... (g + 1) * group_size - 1`` (the stock modules' mapping).
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head."""
+        return self.num_heads // self.num_kv_heads
+
+    def columns(self, heads: Tensor) -> Tensor:
+        """``o_proj`` columns (equally ``q_proj`` rows) of ``heads``: ``[..., k]`` -> ``[..., k * head_dim]``."""
+        heads = torch.as_tensor(heads, dtype=torch.long)
+        return (heads.unsqueeze(-1) * self.head_dim + torch.arange(self.head_dim, device=heads.device)).flatten(-2)
+
+    def groups(self) -> Tensor:
+        """``[num_kv_heads, group_size]``: the query heads that read each key/value head."""
+        return torch.arange(self.num_heads).view(self.num_kv_heads, self.group_size)
+
+    def bundles(self, head_scores: Tensor) -> Tensor:
+        """``[group_size, num_kv_heads]``: bundle ``j`` holds the ``j``-th least important query head of each group."""
+        ranks = torch.argsort(head_scores.reshape(self.num_kv_heads, self.group_size), dim=1, stable=True)
+        return (ranks + self.groups()[:, :1]).T.contiguous()
+
+    def kv_heads(self, kept_heads: Tensor) -> Tensor:
+        """Key/value heads still read by ``kept_heads``; every kept group must keep as many query heads."""
+        groups = torch.as_tensor(kept_heads, dtype=torch.long) // self.group_size
+        kv, counts = torch.unique(groups, return_counts=True)
+        if counts.numel() and not bool((counts == counts[0]).all()):
+            raise ValueError(
+                "kept query heads must be spread evenly over their key/value groups for the "
+                f"stock attention modules; got {counts.tolist()} heads in groups {kv.tolist()}"
+            )
+        return kv
+
+
+@dataclass(frozen=True)
 class LayerShape:
     """Widths of one decoder layer, read from its modules (so pruned layers report truly)."""
 
@@ -95,7 +141,11 @@ class LayerShape:
     @property
     def group_size(self) -> int:
         """Query heads per key/value head."""
-        return self.num_heads // self.num_kv_heads
+        return self.heads.group_size
+
+    @property
+    def heads(self) -> HeadLayout:
+        return HeadLayout(self.num_heads, self.num_kv_heads, self.head_dim)
 
 
 def layer_shape(arch: ArchSpec, layer: nn.Module) -> LayerShape:

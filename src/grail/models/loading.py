@@ -18,7 +18,11 @@ log = logging.getLogger(__name__)
 
 SMOLLM2_ALIAS = "smollm2-135m"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a ``--dtype`` name (one of :data:`grail.config.DTYPES`)."""
+    return getattr(torch, name)
 
 
 class ModelLoadError(GrailError, ValueError):

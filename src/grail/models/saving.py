@@ -44,10 +44,6 @@ def check_save_target(out_dir: str | os.PathLike) -> Path:
     return out
 
 
-def _switch_modules(arch: ArchSpec, layer: nn.Module, kind: str) -> tuple[nn.Linear, ...]:
-    return arch.attention_linears(layer) if kind == "attn" else arch.mlp_linears(layer)
-
-
 def _stock_bias(config, switch: str | None) -> bool:
     return bool(switch and getattr(config, switch, False))
 

@@ -1,0 +1,138 @@
+"""The compensation policy: a block's decision and statistics in, the consumer's new weights out.
+
+One place decides what a consumer (``o_proj`` or ``down_proj``) becomes once some of its
+input units are gone:
+
+* *plain pruning*: the kept columns as they are, plus the method's mean bias where the method
+  and ``--bias_compensation`` allow it; or the method's own update (SlimGPT's refit);
+* *GRAIL*: the ridge fit of :mod:`grail.compensate` with the configured fit, lambda and prior;
+  with ``--ridge_lambda auto`` the lambda is chosen on held-out folds and the guard keeps
+  plain pruning where compensation does not help.
+
+The engine calls it for every pruned block, and again after a method's layer transforms
+when compensation waits for them (Wanda++'s regional optimisation).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from grail.compensate import Moments, add_bias, choose_lambda, fit_consumer, mean_bias_shift
+from grail.config import PruneConfig
+from grail.stats import InputStats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ConsumerUpdate:
+    """A consumer's new weight (O x K, over the kept columns), its bias, and notes for the report."""
+
+    weight: Tensor
+    bias: Tensor | None
+    notes: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CompensationPolicy:
+    """How consumers are updated after pruning; built from a :class:`PruneConfig`."""
+
+    compensate: bool = False
+    ridge_lambda: float | str = 0.001
+    prior: str = "zero"
+    fit: str = "affine"
+    bias_compensation: bool = True
+    cv_folds: int = 4
+
+    @classmethod
+    def from_config(cls, config: PruneConfig) -> CompensationPolicy:
+        return cls(
+            config.compensate,
+            config.ridge_lambda,
+            config.prior,
+            config.grail_fit,
+            config.bias_compensation,
+            config.cv_folds,
+        )
+
+    @property
+    def folds(self) -> int:
+        """Folds the Gram statistics are kept in (several only for the held-out choice of lambda)."""
+        return self.cv_folds if self.compensate and self.ridge_lambda == "auto" else 1
+
+    @property
+    def affine(self) -> bool:
+        """Whether the fit has an intercept (which becomes a bias)."""
+        return self.fit == "affine" and self.bias_compensation
+
+    def plain(
+        self,
+        weight: Tensor,
+        bias: Tensor | None,
+        kept_columns: Tensor,
+        selection: InputStats | None,
+        mean_bias: bool,
+        refit: Moments | None = None,
+    ) -> ConsumerUpdate:
+        """Plain pruning: the kept columns (and the mean bias), or the least-squares refit on ``refit``.
+
+        ``refit`` is a method's own update (SlimGPT's Optimal Brain Surgeon steps end at the
+        unpenalised least-squares refit of the kept columns on its damped Hessian).
+        """
+        kept_columns = kept_columns.to(weight.device)
+        if refit is not None:
+            fit = fit_consumer(weight, refit, kept_columns, 0.0, affine=self.bias_compensation)
+            return ConsumerUpdate(fit.weight, add_bias(bias, fit.bias_shift))
+        shift = mean_bias_shift(weight, selection.mean, kept_columns) if mean_bias else None
+        return ConsumerUpdate(weight[:, kept_columns], add_bias(bias, shift))
+
+    def update(
+        self,
+        weight: Tensor,
+        bias: Tensor | None,
+        kept_columns: Tensor,
+        selection: InputStats | None,
+        gram_stats: InputStats | None,
+        mean_bias: bool,
+        where: str,
+        refit: Moments | None = None,
+    ) -> ConsumerUpdate:
+        """The consumer after pruning: compensated when the policy says so, else plain pruning."""
+        if not self.compensate:
+            return self.plain(weight, bias, kept_columns, selection, mean_bias, refit)
+        kept_columns = kept_columns.to(weight.device)
+        notes: dict = {}
+        lam = self.ridge_lambda
+        if lam == "auto":
+            choice = choose_lambda(
+                weight,
+                gram_stats.fold_moments(),
+                kept_columns,
+                "affine" if self.affine else ("seed" if self.fit == "seed" else "linear"),
+                mean_bias,
+                where=where,
+                prior=self.prior,
+            )
+            notes = {
+                "lambda": choice.lam,
+                "heldout_error": choice.heldout_error,
+                "plain_heldout_error": choice.plain_error,
+                "compensated": choice.compensate,
+            }
+            if not choice.compensate:  # the guard: keep the uncompensated consumer
+                plain = self.plain(weight, bias, kept_columns, selection, mean_bias, refit)
+                return ConsumerUpdate(plain.weight, plain.bias, notes)
+            lam = choice.lam
+        fit = fit_consumer(weight, gram_stats.moments(), kept_columns, lam, self.affine, where, self.prior)
+        if fit.jitter:
+            log.info(
+                "%s: kept units' Gram matrix singular; solved with jitter %.0e x its mean diagonal", where, fit.jitter
+            )
+        shift = fit.bias_shift
+        if self.fit == "seed" and mean_bias:  # the research code's convention: mean bias on top
+            shift = add_bias(shift, mean_bias_shift(weight, selection.mean, kept_columns))
+        notes.update({"lambda": lam, "jitter": fit.jitter})
+        return ConsumerUpdate(fit.weight, add_bias(bias, shift), notes)
