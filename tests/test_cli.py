@@ -3,21 +3,29 @@ and every bad input answered by one clear line and exit code 2."""
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 import grail
+import grail.engine
 from grail.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_tiny_run_writes_results_and_a_checkpoint_that_reloads(tiny_checkpoint, data_dir, tmp_path, capsys):
+def test_tiny_run_writes_results_and_a_checkpoint_that_reloads(
+    tiny_checkpoint, data_dir, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)  # --quiet sets it; restored afterwards
     out, results_file = tmp_path / "pruned", tmp_path / "results.json"
     args = [
         "--model", str(tiny_checkpoint), "--prune_method", "wanda_sp", "--pruning_ratio", "0.3",
@@ -36,52 +44,87 @@ def test_tiny_run_writes_results_and_a_checkpoint_that_reloads(tiny_checkpoint, 
         assert key in results["timings"]
     assert results["config"]["prune"]["prune_method"] == "wanda_sp"
     assert "torch" in results["versions"] and "transformers" in results["versions"]
-    assert re.search(r"wikitext2\s+perplexity \d", capsys.readouterr().out)
+    captured = capsys.readouterr()
+    assert re.search(r"wikitext2\s+perplexity \d", captured.out)
+    assert "%|" not in captured.err and "it/s" not in captured.err  # --quiet: no progress bar at all
     # the saved checkpoint gives the same perplexity
     model, tokenizer = grail.load_model(str(out))
     again = grail.evaluate_perplexity(model, tokenizer, "wikitext2", 32, data_dir, max_windows=4, progress=False)
     assert again["ppl"] == pytest.approx(results["ppl"]["wikitext2"], rel=1e-5)
 
 
-BAD_INPUTS = [
-    (["--pruning_ratio", "1.0"], "--pruning_ratio must be in [0, 1)"),
-    (["--pruning_ratio", "-0.1"], "--pruning_ratio must be in [0, 1)"),
-    (
-        ["--prune_method", "obs"],
-        "--prune_method must be one of flap, wanda_sp, slimgpt, wanda_pp_sp, mag_sp, got 'obs'",
-    ),
-    (["--ridge_lambda", "-1"], "--ridge_lambda must be 'auto' or a number >= 0"),
-    (["--compensate", "--ridge_lambda", "auto", "--nsamples", "2"], "must be at least --cv_folds (4)"),
-    (["--nsamples", "0"], "--nsamples must be at least 1"),
-    (["--model", "./no/such/model"], "does not exist; check the --model path"),
-    (["--model", "missing.gguf"], "GGUF file 'missing.gguf' does not exist"),
-    (["--data_dir", "/no/such/folder"], "does not exist; fix --data_dir"),
-]
+CASES = json.loads((Path(__file__).parent / "bad_inputs.json").read_text())
 
 
-@pytest.mark.parametrize(("extra", "message"), BAD_INPUTS)
-def test_bad_input_gets_one_clear_line(extra, message, capsys):
-    assert main(["--pruning_ratio", "0.2", "--device", "cpu", *extra]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err
-    assert "Traceback" not in err
+def _setup(kind: str | None, tmp: Path, data_dir: Path) -> None:
+    """Lay out what a case needs under ``tmp`` (a damaged copy of the data, an occupied folder)."""
+    data = tmp / "data"
+    wiki = data / "wikitext-2-raw-v1"
+    if kind == "occupied":
+        (tmp / "x").write_text("")
+    elif kind == "file":
+        (tmp / "file").write_text("")
+    elif kind == "empty data":
+        data.mkdir()
+    elif kind in ("wikitext only", "binary wiki.test.raw", "short wiki.test.raw"):
+        wiki.mkdir(parents=True)
+        for name in ("wiki.valid.raw", "wiki.test.raw"):
+            (wiki / name).write_bytes((data_dir / "wikitext-2-raw-v1" / name).read_bytes())
+        if kind == "binary wiki.test.raw":
+            (wiki / "wiki.test.raw").write_bytes(bytes(range(256)) * 8)
+        if kind == "short wiki.test.raw":
+            (wiki / "wiki.test.raw").write_text(" = Title = \n\n Too short for one window . \n")
+    elif kind == "cut c4":
+        (data / "c4").mkdir(parents=True)
+        lines = (data_dir / "c4" / "c4_validation_2k.jsonl").read_text().splitlines(keepends=True)
+        lines[2] = lines[2][: len(lines[2]) // 2] + "\n"
+        (data / "c4" / "c4_validation_2k.jsonl").write_text("".join(lines))
+    else:
+        assert kind is None, kind
 
 
-def test_data_the_run_cannot_use_is_refused(tiny_checkpoint, data_dir, tmp_path, capsys):
-    base = ["--model", str(tiny_checkpoint), "--seqlen", "32", "--device", "cpu", "--quiet"]
-    # the validation split holds far fewer than 100000 windows
-    assert main([*base, "--nsamples", "100000", "--data_dir", str(data_dir)]) == 2
-    assert "lower --nsamples or --seqlen" in capsys.readouterr().err
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    assert main([*base, "--nsamples", "2", "--data_dir", str(empty)]) == 2
-    assert "wiki.valid.raw' is missing from the data folder" in capsys.readouterr().err
+def _files(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
 
 
-def test_occupied_save_folder_is_refused_before_any_work(tmp_path, capsys):
-    (tmp_path / "x").write_text("")
-    assert main(["--model", "./no/such/model", "--save_model", str(tmp_path)]) == 2
-    assert "already exists" in capsys.readouterr().err
+@pytest.mark.parametrize("case", CASES, ids=[c["case"] for c in CASES])
+def test_bad_input_gets_one_clear_line_before_any_work(case, tiny_checkpoint, data_dir, tmp_path, capsys, monkeypatch):
+    """Every bad input: exit code 2, one line naming the flag or file, no traceback, no
+    calibration run, nothing written, within seconds."""
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibration started before the bad input was refused")
+
+    monkeypatch.setattr(grail.engine, "capture_layer_inputs", no_calibration)
+    monkeypatch.setattr(importlib.import_module("grail.evaluate.perplexity"), "capture_layer_inputs", no_calibration)
+    _setup(case.get("setup"), tmp_path, data_dir)
+    before = _files(tmp_path)
+    fill = {"{tmp}": str(tmp_path), "{tiny}": str(tiny_checkpoint), "{data}": str(data_dir)}
+    args = [fill.get(a, a) if not a.startswith("{tmp}/") else str(tmp_path) + a[5:] for a in case["args"]]
+    base = ["--pruning_ratio", "0.2", "--device", "cpu", "--seqlen", "32", "--nsamples", "4"]
+    base += ["--data_dir", str(data_dir), "--quiet"]
+    started = time.perf_counter()
+    assert main([*base, *args]) == 2
+    seconds = time.perf_counter() - started
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and case["message"] in err, err
+    assert "\n" not in err and "Traceback" not in err
+    assert _files(tmp_path) == before
+    assert seconds < 30
+
+
+def reliability_table() -> str:
+    """The README's table of bad inputs, made from the test's cases."""
+    rows = ["| Input | Answer (exit code 2, before any calibration) |", "|---|---|"]
+    for case in CASES:
+        flags = " ".join(case["args"]).replace("{tmp}", "TMP").replace("{tiny}", "TINY")
+        rows.append(f"| {case['case']}: `{flags}` | `...{case['message']}...` |")
+    return "\n".join(rows) + "\n"
+
+
+def test_readme_lists_every_bad_input_case():
+    readme = (ROOT / "README.md").read_text()
+    assert reliability_table() in readme, "regenerate the README's Reliability table from tests/bad_inputs.json"
 
 
 def test_main_py_and_help(tmp_path):
@@ -149,3 +192,55 @@ def test_smollm2_slimgpt_and_wanda_pp_run_from_the_command_line(smollm2_dir, dat
     model, tokenizer = grail.load_model(str(tmp_path / "pruned"))
     again = grail.evaluate_perplexity(model, tokenizer, "wikitext2", 256, data_dir, max_windows=8, progress=False)
     assert again["ppl"] == pytest.approx(ppl, rel=1e-4)
+
+
+def _tiny_args(tiny_checkpoint, data_dir, tmp_path, *extra):
+    return [
+        "--model", str(tiny_checkpoint), "--prune_method", "wanda_sp", "--pruning_ratio", "0.3", "--nsamples", "4",
+        "--seqlen", "32", "--data_dir", str(data_dir), "--device", "cpu", "--quiet", *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(("interrupt", "code"), [("SIGTERM", 143), ("Ctrl-C", 130)])
+def test_interrupted_save_leaves_nothing_and_one_line(
+    tiny_checkpoint, data_dir, tmp_path, capsys, monkeypatch, interrupt, code
+):
+    import grail.models.saving as saving
+
+    def interrupted(*args, **kwargs):
+        if interrupt == "SIGTERM":
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises before this ends
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(saving, "finish_checkpoint", interrupted)
+    out = tmp_path / "pruned"
+    assert main(_tiny_args(tiny_checkpoint, data_dir, tmp_path, "--save_model", str(out))) == code
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "partial outputs were removed" in err
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor a hidden partial one beside it
+
+
+def test_results_json_is_strict(tmp_path):
+    from grail.pipeline import write_json
+
+    write_json(tmp_path / "r.json", {"ppl": {"wikitext2": float("inf")}, "errors": [float("nan"), 1.5]})
+
+    def refuse(name):
+        raise AssertionError(f"non-standard JSON constant {name}")
+
+    assert json.loads((tmp_path / "r.json").read_text(), parse_constant=refuse) == {
+        "ppl": {"wikitext2": None},
+        "errors": [None, 1.5],
+    }
+
+
+def test_underdetermined_fits_and_unreachable_ratios_are_reported(tiny_checkpoint, data_dir, tmp_path, caplog):
+    # 1 window of 8 tokens for consumers with dozens of kept inputs, at a fixed lambda
+    args = _tiny_args(tiny_checkpoint, data_dir, tmp_path, "--compensate", "--ridge_lambda", "0")
+    args += ["--nsamples", "1", "--seqlen", "8"]
+    assert main(args) == 0
+    assert "fewer calibration tokens than kept inputs" in caplog.text
+    caplog.clear()
+    assert main(_tiny_args(tiny_checkpoint, data_dir, tmp_path, "--pruning_ratio", "0.99")) == 0
+    assert "could be removed: every block keeps at least one unit" in caplog.text

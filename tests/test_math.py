@@ -326,3 +326,47 @@ def test_sketched_cross_validation_estimates_the_exact_errors():
         choose_lambda(w[i : i + 100], folds, kept, "affine", mean_bias=False).errors[1e-3] for i in range(0, 600, 100)
     )
     assert sketched.errors[1e-3] == pytest.approx(exact, rel=0.3)
+
+
+def _bad_values(f):
+    """Values a declared option must refuse, from its declaration."""
+    meta = f.metadata
+    if meta["choices"]:
+        yield "not-a-choice"
+    if meta["minimum"] is not None:
+        yield meta["minimum"] - 1
+    if meta["below"] is not None:
+        yield meta["below"]
+    if meta["minimum"] is not None or meta["below"] is not None:
+        yield float("nan")
+        yield float("inf")
+        yield "12"
+
+
+# Options whose every value of their type is acceptable at construction (paths and the device are
+# checked when the run starts, before any work; see tests/bad_inputs.json).
+UNCONSTRAINED = {
+    "model", "data_dir", "device", "save_model", "output_json", "offload_activations", "seed", "compensate",
+    "bias_compensation", "eval", "zero_shot", "offload", "compensate_first", "ridge_lambda",
+}  # fmt: skip
+
+
+def test_every_declared_option_is_validated_at_construction():
+    from grail import FLAPOptions, PruneConfig, RunConfig, WandaPPOptions
+    from grail.config import ConfigError, declared_options, flag_name
+
+    checked = set()
+    for cls in (PruneConfig, RunConfig, FLAPOptions, WandaPPOptions):
+        for f in declared_options(cls):
+            values = list(_bad_values(f))
+            if not values:
+                assert f.name in UNCONSTRAINED, f"{f.name} declares no check"
+                continue
+            for value in values:
+                with pytest.raises(ConfigError, match=f"--{flag_name(f)} "):
+                    cls(**{f.name: value if f.name != "eval_dataset" else [value]})
+            checked.add(f.name)
+    assert len(checked) >= 15
+    for value in (-1.0, float("nan"), float("inf"), "often"):
+        with pytest.raises(ConfigError, match="--ridge_lambda "):
+            PruneConfig(ridge_lambda=value)

@@ -116,3 +116,67 @@ def test_existing_target_is_refused_and_failed_saves_leave_nothing(tmp_path):
     with pytest.raises(RuntimeError, match="disk full"):
         grail.save_pruned(model, BrokenTokenizer(), tmp_path / "new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]
+
+
+def _llama_with_biases(folder):
+    """A uniform-width pruned LLaMA whose compensation biases use the stock switches."""
+    model = _pruned("llama", 4, 4, compensate=True)
+    grail.save_pruned(model, tiny_tokenizer(), folder)
+    assert _config(folder)["attention_bias"] or _config(folder)["mlp_bias"]
+    return folder
+
+
+def _rewrite_tensors(folder, change):
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("damage", ["missing tensor", "wrong shape", "truncated file", "bias switch off", "not GGUF"])
+def test_damaged_checkpoints_are_refused(tmp_path, damage):
+    """grail never runs a model with freshly initialised or silently dropped weights."""
+    folder = _llama_with_biases(tmp_path / "ckpt")
+    target = str(folder)
+    if damage == "missing tensor":
+        _rewrite_tensors(folder, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    elif damage == "wrong shape":
+        _rewrite_tensors(folder, lambda t: t.update({"model.layers.0.mlp.up_proj.weight": torch.zeros(3, 48)}))
+    elif damage == "truncated file":
+        data = (folder / "model.safetensors").read_bytes()
+        (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif damage == "bias switch off":
+        config = _config(folder)
+        config["attention_bias"] = config["mlp_bias"] = False
+        (folder / "config.json").write_text(json.dumps(config))
+    else:
+        target = str(tmp_path / "model.gguf")
+        (tmp_path / "model.gguf").write_text("this is not a GGUF file\n")
+    with pytest.raises(grail.GrailError) as err:
+        grail.load_model(target)
+    assert "\n" not in str(err.value)
+    assert any(word in str(err.value) for word in ("does not match its config", "damaged"))
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    model = _pruned("llama", 4, 4, compensate=False)
+    with torch.no_grad():
+        arch_for(model.config).decoder_layers(model)[1].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(SaveError, match="NaN or Inf"):
+        grail.save_pruned(model, None, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_saved_checkpoints_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        folder = grail.save_pruned(_pruned("llama", 4, 4, compensate=False), None, tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+    assert all(stat.S_IMODE(f.stat().st_mode) & 0o044 == 0o044 for f in folder.iterdir())

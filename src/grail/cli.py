@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 from dataclasses import Field
 from pathlib import Path
@@ -106,29 +108,29 @@ def build_sweep_parser() -> argparse.ArgumentParser:
 
 
 def sweep_main(argv: list[str]) -> int:
-    from grail.sweep import grid, sweep
-
     args = build_sweep_parser().parse_args(argv)
     _set_up_logging(args)
+    return _guarded(lambda: _sweep(args))
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from grail.sweep import grid, sweep
+
+    variants = {v.strip() for v in args.variants.split(",")}
+    if not variants or not variants <= {"plain", "grail"}:
+        raise GrailError(f"--variants takes plain and/or grail, got {args.variants!r}.")
     try:
-        variants = {v.strip() for v in args.variants.split(",")}
-        if not variants or not variants <= {"plain", "grail"}:
-            raise GrailError(f"--variants takes plain and/or grail, got {args.variants!r}.")
-        try:
-            lambdas = tuple(ridge_lambda_value(v) for v in args.lambdas.split(","))
-        except ValueError:
-            raise GrailError(f"--lambdas takes comma-separated numbers or auto, got {args.lambdas!r}.") from None
-        runs = grid(
-            args.methods.split(","),
-            args.ratios,
-            tuple(v == "grail" for v in ("plain", "grail") if v in variants),
-            lambdas,
-            tuple(args.fits.split(",")),
-        )
-        summary = sweep(config_from_args(args), runs, args.out, progress=not args.quiet)
-    except GrailError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        lambdas = tuple(ridge_lambda_value(v) for v in args.lambdas.split(","))
+    except argparse.ArgumentTypeError:
+        raise GrailError(f"--lambdas takes comma-separated numbers or auto, got {args.lambdas!r}.") from None
+    runs = grid(
+        args.methods.split(","),
+        args.ratios,
+        tuple(v == "grail" for v in ("plain", "grail") if v in variants),
+        lambdas,
+        tuple(args.fits.split(",")),
+    )
+    summary = sweep(config_from_args(args), runs, args.out, progress=not args.quiet)
     print((Path(args.out) / "table.md").read_text())
     print(f"{len(summary['results'])} runs; results in {args.out}/sweep.json, plot in {args.out}/ppl.png")
     return 0
@@ -158,7 +160,37 @@ def _set_up_logging(args: argparse.Namespace) -> None:
 
     hf_logging.set_verbosity_error()
     if args.quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # the libraries' own bars (GGUF conversion, for one) read it
         hf_logging.disable_progress_bar()
+        import datasets
+
+        datasets.disable_progress_bars()
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that partial outputs are cleaned up on the way out."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
+
+
+def _guarded(job) -> int:
+    """Run ``job()`` with one-line errors: 2 for bad input, 130 for Ctrl-C, 143 for SIGTERM."""
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return job()
+    except GrailError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C); partial outputs were removed", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("error: terminated (SIGTERM); partial outputs were removed", file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,15 +199,14 @@ def main(argv: list[str] | None = None) -> int:
         return sweep_main(argv[1:])
     args = build_parser().parse_args(argv)
     _set_up_logging(args)
-    from grail.pipeline import run
 
-    try:
-        results = run(config_from_args(args), progress=not args.quiet)
-    except GrailError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(_summary(results))
-    return 0
+    def job() -> int:
+        from grail.pipeline import run
+
+        print(_summary(run(config_from_args(args), progress=not args.quiet)))
+        return 0
+
+    return _guarded(job)
 
 
 if __name__ == "__main__":

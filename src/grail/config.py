@@ -94,10 +94,10 @@ def check_options(obj: Any) -> None:
         for item in value if isinstance(value, list) else [value]:
             if choices is not None and item not in choices:
                 raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}, got {item!r}.")
-        if (meta["minimum"] is None and meta["below"] is None) or isinstance(value, str):
+        if meta["minimum"] is None and meta["below"] is None:
             continue
-        if not isinstance(value, int | float) or isinstance(value, bool) or math.isnan(value):
-            raise ConfigError(f"{name} must be a number, got {value!r}.")
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {value!r}.")
         low, high = meta["minimum"], meta["below"]
         if (low is not None and value < low) or (high is not None and value >= high):
             if low is not None and high is not None:
@@ -203,8 +203,8 @@ class PruneConfig:
         check_options(self)
         if self.ridge_lambda != "auto" and not isinstance(self.ridge_lambda, int | float):
             raise ConfigError(f"--ridge_lambda must be 'auto' or a number >= 0, got {self.ridge_lambda!r}.")
-        if self.ridge_lambda != "auto" and not self.ridge_lambda >= 0.0:  # also rejects NaN
-            raise ConfigError(f"--ridge_lambda must be 'auto' or a number >= 0, got {self.ridge_lambda!r}.")
+        if self.ridge_lambda != "auto" and not (self.ridge_lambda >= 0.0 and math.isfinite(self.ridge_lambda)):
+            raise ConfigError(f"--ridge_lambda must be 'auto' or a finite number >= 0, got {self.ridge_lambda!r}.")
         if self.compensate and self.ridge_lambda == "auto" and self.gram_nsamples < self.cv_folds:
             raise ConfigError(
                 f"--ridge_lambda auto holds out whole calibration windows: --comp_nsamples ({self.gram_nsamples}) "

@@ -80,7 +80,12 @@ def _read_offline(name: str, purpose: str, root: Path) -> TextSource:
             f"{name} {purpose} file {str(path)!r} is missing from the data folder; point --data_dir "
             f"(or ${DATA_DIR_ENV}) at a folder laid out like shared/data, or unset it to use the Hub."
         )
-    raw = path.read_text(encoding="utf-8")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start}); restore the file."
+        ) from None
     if not raw.strip():
         raise DataError(f"{str(path)!r} is empty; replace it with the real file.")
     if name == "wikitext2":
@@ -88,7 +93,17 @@ def _read_offline(name: str, purpose: str, root: Path) -> TextSource:
     elif name == "ptb":
         text = " ".join(line.strip() for line in raw.splitlines())
     else:
-        docs = [json.loads(line)["text"] for line in raw.splitlines() if line.strip()]
+        docs = []
+        for number, line in enumerate(raw.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                docs.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise DataError(
+                    f"{str(path)!r} line {number} is not a JSON object with a 'text' field "
+                    f"({err.__class__.__name__}); restore the file."
+                ) from None
         if purpose == "evaluation":
             text = " ".join(docs[:C4_EVAL_DOCS])
         else:

@@ -49,6 +49,7 @@ class PruneReport:
     params_after: int
     blocks: list[dict] = field(default_factory=list)
     layer_passes: int = 0  # forward passes of one decoder layer over the calibration set, summed
+    underdetermined: int = 0  # compensated consumers with fewer calibration tokens than kept inputs (fixed lambda)
     n_layers: int = 0
     calibration_windows: int = 0
 
@@ -165,6 +166,10 @@ def prune_model(
     needed = config.windows_needed(method.uses_activations)
     if config.pruning_ratio == 0:
         return report
+    # Limits that depend on the model's shapes, before any calibration (meta layers have shapes too).
+    method.allocator.check(
+        [layer_blocks(arch, i, layer, config.attention_unit)["attn"].units() for i, layer in enumerate(layers)]
+    )
     calib = None
     if needed:
         if windows is None or windows.shape[0] < needed:
@@ -357,6 +362,8 @@ class _LayerStep:
                 prune_attention(self.arch, layer, decision.units.kept_heads(decision.kept), update.weight, update.bias)
             else:
                 prune_mlp(self.arch, layer, kept_columns, update.weight, update.bias)
+        if policy.compensate and policy.ridge_lambda != "auto" and gram_stats.count < len(kept_columns):
+            self.report.underdetermined += 1
         row = {
             "layer": block.layer_index,
             "block": block.kind,

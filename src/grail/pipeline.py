@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import platform
 import time
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from grail.errors import GrailError
 from grail.evaluate.perplexity import perplexity
 from grail.methods import Method, make_method
 from grail.models.loading import load_model, resolve_model, torch_dtype
-from grail.models.saving import check_save_target, save_pruned
+from grail.models.saving import check_output_file, check_output_folder, check_save_target, save_pruned
 from grail.streaming import checkpoint_bytes, prune_streaming, streamed_model
 from grail.timing import Timer
 
@@ -178,7 +179,15 @@ def prune_and_evaluate(
 def _log_report(report: PruneReport, config: RunConfig) -> None:
     if report.auto_lambda_summary():
         log.info(report.auto_lambda_summary())
-    if config.prune.pruning_ratio > 0:
+    if report.underdetermined:
+        log.warning(
+            "%d compensated consumers had fewer calibration tokens than kept inputs at a fixed --ridge_lambda %g: "
+            "their fits are underdetermined and may hurt; use --ridge_lambda auto or more calibration windows",
+            report.underdetermined,
+            config.prune.ridge_lambda,
+        )
+    ratio = config.prune.pruning_ratio
+    if ratio > 0:
         log.info(
             "%s removed %.2f%% of the decoder's linear parameters (%d -> %d)",
             report.method,
@@ -186,6 +195,12 @@ def _log_report(report: PruneReport, config: RunConfig) -> None:
             report.params_before,
             report.params_after,
         )
+        if report.removed_fraction < ratio - 0.01:
+            log.warning(
+                "asked for %.1f%% but only %.1f%% could be removed: every block keeps at least one unit",
+                100 * ratio,
+                100 * report.removed_fraction,
+            )
 
 
 def results(
@@ -231,13 +246,54 @@ def results(
     return out
 
 
+def strict_json(payload):
+    """``payload`` with every NaN or infinite float replaced by None (strict JSON has no such literals)."""
+    if isinstance(payload, float) and not math.isfinite(payload):
+        return None
+    if isinstance(payload, dict):
+        return {k: strict_json(v) for k, v in payload.items()}
+    if isinstance(payload, list | tuple):
+        return [strict_json(v) for v in payload]
+    return payload
+
+
 def write_json(path: str | Path, payload: dict) -> None:
-    """Write ``payload`` as JSON, atomically (a reader never sees half a file)."""
+    """Write ``payload`` as strict JSON, atomically (a reader never sees half a file)."""
     path = Path(path)
+    clean = strict_json(payload)
+    if clean != payload:
+        log.warning("%s: NaN or Inf values (an overflowing perplexity, for one) are written as null", path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.write_text(json.dumps(clean, indent=2, allow_nan=False))
     tmp.replace(path)
+
+
+def check_before_work(config: RunConfig) -> None:
+    """Everything that can be checked without the model: outputs writable, zero-shot ready."""
+    if config.save_model:
+        check_save_target(config.save_model)
+    if config.output_json:
+        check_output_file(config.output_json, "--output_json")
+    if config.prune.offload_activations:
+        check_output_folder(config.prune.offload_activations, "--offload_activations")
+    if config.zero_shot:
+        from grail.evaluate.zero_shot import check_local_tasks, require_lm_eval
+
+        require_lm_eval()
+        root = data.resolve_data_dir(config.data_dir)
+        if root is not None:
+            check_local_tasks(root)
+
+
+def check_model_limits(model_config, config: RunConfig) -> None:
+    """What depends on the model, checked right after it is loaded and before any calibration."""
+    context = getattr(model_config, "max_position_embeddings", None)
+    if context and config.seqlen > context:
+        raise GrailError(
+            f"--seqlen {config.seqlen} exceeds the model's context length ({context} positions); "
+            f"use --seqlen {context} or less."
+        )
 
 
 def default_device() -> str:
@@ -312,12 +368,7 @@ def run(config: RunConfig, progress: bool = True) -> dict:
     check_device(device, config.dtype)
     distributed.init_from_environment(device)
     # Everything that can be checked without the model is checked (and read) first.
-    if config.save_model:
-        check_save_target(config.save_model)
-    if config.zero_shot:
-        from grail.evaluate.zero_shot import require_lm_eval
-
-        require_lm_eval()
+    check_before_work(config)
     method = make_method(config.prune)
     needed = config.prune.windows_needed(method.uses_activations)
     texts = read_texts(config, needed)
@@ -339,6 +390,9 @@ def run(config: RunConfig, progress: bool = True) -> dict:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(folder)
+        from transformers import AutoConfig
+
+        check_model_limits(AutoConfig.from_pretrained(folder), config)
         workload = make_workload(tokenizer, config, texts, needed, timer)
         report = prune_streaming(
             folder,
@@ -363,6 +417,7 @@ def run(config: RunConfig, progress: bool = True) -> dict:
     else:
         with timer.section("load"):
             model, tokenizer = load_model(config.model, dtype=dtype, device=device)
+        check_model_limits(model.config, config)
         workload = make_workload(tokenizer, config, texts, needed, timer)
         report, evaluations, zero_shot = prune_and_evaluate(model, tokenizer, config, workload, timer, method, progress)
         if config.save_model and distributed.is_main():

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from grail.errors import GrailError
 from grail.models.arch import ArchSpec, arch_for
 from grail.models.modeling_grail import CLASSES
-from grail.models.saving import checkpoint_layout, finish_checkpoint
+from grail.models.saving import check_finite, checkpoint_layout, finish_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class ShardWriter:
         self.total_bytes = 0
 
     def write(self, file_name: str, tensors: dict[str, Tensor]) -> None:
+        check_finite(tensors)
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         save_file(tensors, self.folder / file_name, metadata={"format": "pt"})
         self.weight_map.update(dict.fromkeys(tensors, file_name))

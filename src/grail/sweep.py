@@ -27,6 +27,8 @@ from grail.errors import GrailError
 from grail.methods import make_method
 from grail.models.loading import load_model, torch_dtype
 from grail.pipeline import (
+    check_before_work,
+    check_model_limits,
     default_device,
     library_versions,
     make_workload,
@@ -100,14 +102,12 @@ def sweep(base: RunConfig, runs: list[dict], out_dir: str | Path, progress: bool
     if not base.eval_datasets:
         base = replace(base, eval=True)  # a sweep always reports perplexity on the calibration dataset
     configs = [replace(base, prune=replace(base.prune, **overrides)) for overrides in runs]  # validates every run
-    if base.zero_shot:
-        from grail.evaluate.zero_shot import require_lm_eval
-
-        require_lm_eval()
+    check_before_work(base)
     needed = max(c.prune.windows_needed(make_method(c.prune).uses_activations) for c in configs)
     texts = read_texts(base, needed)
     device = base.device or default_device()
     model, tokenizer = load_model(base.model, torch_dtype(base.dtype), device)
+    check_model_limits(model.config, base)
     workload = make_workload(tokenizer, base, texts, needed, Timer())
 
     def execute(config: RunConfig, model) -> dict:

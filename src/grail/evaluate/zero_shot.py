@@ -181,18 +181,34 @@ def task_config(task: str, name: str, data_file: Path, builtin_root: Path) -> st
     return "\n".join(config) + "\n"
 
 
+def _converted(task: str, data_dir: Path) -> list[dict]:
+    """The local file of ``task`` as Hub rows, or a one-line error naming the file."""
+    try:
+        return CONVERTERS[task](data_dir)
+    except FileNotFoundError as err:
+        raise GrailError(
+            f"zero-shot task {task}: {err.filename} is missing; point --data_dir at a folder laid out like shared/data."
+        ) from None
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, ValueError) as err:
+        raise GrailError(
+            f"zero-shot task {task}: a local file under {str(data_dir)!r} is damaged ({err.__class__.__name__}: "
+            f"{err}); restore it from shared/data."
+        ) from None
+
+
+def check_local_tasks(data_dir: Path, tasks: tuple[str, ...] = TASKS) -> None:
+    """Fail before any work unless every task's local files are present and readable."""
+    for task in tasks:
+        _converted(task, data_dir)
+
+
 def write_local_tasks(data_dir: Path, out_dir: Path, tasks: tuple[str, ...] = TASKS) -> dict[str, str]:
     """Convert the local files and write one task config per task; returns task -> harness task name."""
     lm_eval = require_lm_eval()
     builtin_root = Path(lm_eval.__file__).parent / "tasks"
     names = {}
     for task in tasks:
-        try:
-            rows = CONVERTERS[task](data_dir)
-        except FileNotFoundError as err:
-            raise GrailError(
-                f"zero-shot task {task}: {err.filename} is missing; point --data_dir at a folder laid out like shared/data."
-            ) from None
+        rows = _converted(task, data_dir)
         data_file = out_dir / f"{task}.jsonl"
         data_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         name = f"grail_{task}"

@@ -111,6 +111,9 @@ class Allocator:
     def plan(self, scored: list[dict[str, tuple[BlockUnits, Tensor]]], layer_params: list[int]) -> None:
         """Global allocators: every layer's blocks with their units and unit scores, before any pruning."""
 
+    def check(self, attention: list[BlockUnits]) -> None:
+        """Refuse, before any calibration, a request the model's attention units (per layer) cannot meet."""
+
 
 @dataclass
 class UniformAllocation(Allocator):

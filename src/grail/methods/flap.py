@@ -134,17 +134,20 @@ class GlobalAllocation(Allocator):
         if self.attention_budget is None:
             removed = _lowest_within_budget(pools["attn"] + pools["mlp"], target)
         else:
-            if self.attention_budget > len(pools["attn"]):
-                raise GrailError(
-                    f"--remove_heads {self.attention_budget} exceeds the {len(pools['attn'])} attention "
-                    "units that can go (each layer keeps one)."
-                )
             removed = sorted(pools["attn"])[: self.attention_budget]
             attn_cost = sum(cost for _, _, cost, *_ in removed)
             removed += _lowest_within_budget(pools["mlp"], max(target - attn_cost, 0.0))
         self._counts = {(layer, kind): 0 for layer, blocks in enumerate(scored) for kind in blocks}
         for *_, kind, layer_index in removed:
             self._counts[(layer_index, kind)] += 1
+
+    def check(self, attention: list[BlockUnits]) -> None:
+        removable = sum(units.count - 1 for units in attention)
+        if self.attention_budget is not None and self.attention_budget > removable:
+            raise GrailError(
+                f"--remove_heads {self.attention_budget} exceeds the {removable} attention units that can go "
+                f"(each of the {len(attention)} layers keeps one); use --remove_heads {removable} or less."
+            )
 
     def allocate(
         self, layer_index: int, n_layers: int, attention: BlockUnits, mlp: BlockUnits, layer_params: int
@@ -181,6 +184,15 @@ class _PerLayerHeads(Allocator):
 
     ratio: float
     remove_heads: int
+
+    def check(self, attention: list[BlockUnits]) -> None:
+        per_layer, fewest = self.remove_heads // len(attention), min(units.count for units in attention)
+        if per_layer > fewest - 1:
+            raise GrailError(
+                f"--remove_heads {self.remove_heads} asks {per_layer} attention units of each of the "
+                f"{len(attention)} layers, but a layer has {fewest} and keeps one; use --remove_heads "
+                f"{(fewest - 1) * len(attention)} or less."
+            )
 
     def allocate(
         self, layer_index: int, n_layers: int, attention: BlockUnits, mlp: BlockUnits, layer_params: int

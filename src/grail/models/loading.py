@@ -85,17 +85,30 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torc
         config = AutoConfig.from_pretrained(location, **extra)
         arch_for(config)  # fail early, with the supported list, before reading any weights
         if is_grail_checkpoint(config):
-            model = CLASSES[config.model_type].from_pretrained(location, config=config, dtype=dtype, **placement)
+            model, info = CLASSES[config.model_type].from_pretrained(
+                location, config=config, dtype=dtype, output_loading_info=True, **placement
+            )
         else:
             # GGUF weights are dequantised to float32 by transformers; cast afterwards.
             load_dtype = torch.float32 if gguf else dtype
-            model = AutoModelForCausalLM.from_pretrained(location, dtype=load_dtype, **extra, **placement)
+            model, info = AutoModelForCausalLM.from_pretrained(
+                location, dtype=load_dtype, output_loading_info=True, **extra, **placement
+            )
         tokenizer = AutoTokenizer.from_pretrained(location, **extra)
+    except GrailError:
+        raise
     except OSError as err:
         raise ModelLoadError(
             f"could not load model {name!r}: {err}. Without network access, pass a local folder, "
             f"a .gguf file or the alias {SMOLLM2_ALIAS!r} to --model."
         ) from None
+    except Exception as err:  # damaged files: truncated safetensors, a text file named .gguf, wrong shapes
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ModelLoadError(
+            f"could not load model {name!r}: its files are damaged or do not match its config "
+            f"({err.__class__.__name__}: {first_line[:300]}); restore the files or save the model again."
+        ) from None
+    _refuse_mismatch(name, info)
     if gguf:
         # The weights are plain floats now; the quantisation note must not follow them into saves.
         model.config.quantization_config = None
@@ -105,6 +118,24 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torc
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer
+
+
+def _refuse_mismatch(name: str, info: dict) -> None:
+    """A checkpoint whose tensors do not match its config would run with freshly initialised or dropped weights."""
+    problems = []
+    for key, what in (
+        ("missing_keys", "missing"),
+        ("unexpected_keys", "not in the config's model"),
+        ("mismatched_keys", "of the wrong shape"),
+    ):
+        found = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(key) or [])
+        if found:
+            problems.append(f"{len(found)} tensor(s) {what} (first: {found[0]})")
+    if problems:
+        raise ModelLoadError(
+            f"the checkpoint {name!r} does not match its config: {'; '.join(problems)}. Refusing to run a model "
+            "with freshly initialised or dropped weights; restore the files or save the model again."
+        )
 
 
 def model_bytes(model: nn.Module) -> int:

@@ -35,13 +35,64 @@ class SaveError(GrailError, ValueError):
 
 
 def check_save_target(out_dir: str | os.PathLike) -> Path:
-    """Fail before any work if ``out_dir`` exists and is not empty."""
+    """Fail before any work if ``out_dir`` exists and is not empty, or its parent cannot be written."""
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SaveError(f"{str(out)!r} already exists and is not an empty folder; choose another --save_model path.")
     if not out.parent.exists():
         raise SaveError(f"the parent folder of {str(out)!r} does not exist; create it first.")
+    check_writable(out.parent, "--save_model")
     return out
+
+
+def check_writable(folder: Path, flag: str) -> None:
+    """Fail unless a file can be created in ``folder`` (tried for real: permissions, read-only disks)."""
+    try:
+        handle, name = tempfile.mkstemp(prefix=".grail-write-test-", dir=folder)
+    except OSError as err:
+        raise SaveError(
+            f"{flag}: cannot write in {str(folder)!r} ({err.strerror}); choose a folder you can write."
+        ) from None
+    os.close(handle)
+    os.unlink(name)
+
+
+def check_output_file(path: str | os.PathLike, flag: str) -> Path:
+    """Fail before any work unless ``path`` can be written as a file (its missing parents are created later)."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise SaveError(f"{flag} {str(target)!r} is a folder; give a file path.")
+    ancestor = target.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise SaveError(f"{flag} {str(target)!r}: {str(ancestor)!r} is a file, not a folder.")
+    check_writable(ancestor, flag)
+    return target
+
+
+def check_output_folder(path: str | os.PathLike, flag: str) -> Path:
+    """Fail before any work unless ``path`` is (or can be created as) a writable folder."""
+    target = Path(path).expanduser()
+    if target.exists() and not target.is_dir():
+        raise SaveError(f"{flag} {str(target)!r} is a file; give a folder.")
+    ancestor = target
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise SaveError(f"{flag} {str(target)!r}: {str(ancestor)!r} is a file, not a folder.")
+    check_writable(ancestor, flag)
+    return target
+
+
+def check_finite(tensors: dict[str, Tensor]) -> None:
+    """Refuse to save NaN or Inf weights (a compensation that blew up must not become a checkpoint)."""
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise SaveError(
+            f"{len(bad)} tensor(s) hold NaN or Inf (first: {bad[0]}); nothing was saved. The compensation is "
+            "ill-posed for this calibration set: use --ridge_lambda auto, a larger lambda, or more calibration windows."
+        )
 
 
 def _stock_bias(config, switch: str | None) -> bool:
@@ -124,6 +175,7 @@ def save_pruned(model: nn.Module, tokenizer, out_dir: str | os.PathLike, metadat
     """Write ``model`` and ``tokenizer`` (may be None) to the new folder ``out_dir``; returns it."""
     config, zero_biases, needs_code = checkpoint_layout(model, arch_for(model.config), metadata)
     state = model.state_dict() | {k: v.to(model.device) for k, v in zero_biases.items()}
+    check_finite(state)
     live_config = model.config
 
     def write(tmp: Path) -> None:
@@ -156,7 +208,17 @@ def write_atomically(out_dir: str | os.PathLike, write) -> Path:
         if out.exists():
             out.rmdir()
         tmp.rename(out)
-    except BaseException:
+    except BaseException:  # interrupted runs (Ctrl-C, SIGTERM) included: nothing is left beside out_dir
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _follow_umask(out)
     return out
+
+
+def _follow_umask(folder: Path) -> None:
+    """mkdtemp and the safetensors writer make private files; a checkpoint follows the umask like any other."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
