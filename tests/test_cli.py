@@ -25,7 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_tiny_run_writes_results_and_a_checkpoint_that_reloads(
     tiny_checkpoint, data_dir, tmp_path, capsys, monkeypatch
 ):
-    monkeypatch.delenv("TQDM_DISABLE", raising=False)  # --quiet sets it; restored afterwards
+    import tqdm
+
+    monkeypatch.setattr(tqdm.std.tqdm, "__init__", tqdm.std.tqdm.__init__)  # --quiet changes it; restored after
     out, results_file = tmp_path / "pruned", tmp_path / "results.json"
     args = [
         "--model", str(tiny_checkpoint), "--prune_method", "wanda_sp", "--pruning_ratio", "0.3",

@@ -135,7 +135,9 @@ def _rewrite_tensors(folder, change):
     save_file(tensors, path, metadata={"format": "pt"})
 
 
-@pytest.mark.parametrize("damage", ["missing tensor", "wrong shape", "truncated file", "bias switch off", "not GGUF"])
+@pytest.mark.parametrize(
+    "damage", ["missing tensor", "wrong shape", "truncated file", "flipped byte", "bias switch off", "not GGUF"]
+)
 def test_damaged_checkpoints_are_refused(tmp_path, damage):
     """grail never runs a model with freshly initialised or silently dropped weights."""
     folder = _llama_with_biases(tmp_path / "ckpt")
@@ -147,6 +149,10 @@ def test_damaged_checkpoints_are_refused(tmp_path, damage):
     elif damage == "truncated file":
         data = (folder / "model.safetensors").read_bytes()
         (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif damage == "flipped byte":  # loads fine: only the recorded checksum tells
+        data = bytearray((folder / "model.safetensors").read_bytes())
+        data[-7] ^= 0x10
+        (folder / "model.safetensors").write_bytes(bytes(data))
     elif damage == "bias switch off":
         config = _config(folder)
         config["attention_bias"] = config["mlp_bias"] = False
@@ -157,7 +163,7 @@ def test_damaged_checkpoints_are_refused(tmp_path, damage):
     with pytest.raises(grail.GrailError) as err:
         grail.load_model(target)
     assert "\n" not in str(err.value)
-    assert any(word in str(err.value) for word in ("does not match its config", "damaged"))
+    assert any(word in str(err.value) for word in ("does not match its config", "damaged", "differs from the checksum"))
 
 
 def test_non_finite_weights_are_never_saved(tmp_path):

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
-import os
 import signal
 import sys
 from dataclasses import Field
@@ -160,7 +160,11 @@ def _set_up_logging(args: argparse.Namespace) -> None:
 
     hf_logging.set_verbosity_error()
     if args.quiet:
-        os.environ["TQDM_DISABLE"] = "1"  # the libraries' own bars (GGUF conversion, for one) read it
+        # Libraries draw bars of their own (transformers' GGUF conversion, for one) without a
+        # switch, and tqdm reads TQDM_DISABLE only when imported: default every bar to off.
+        import tqdm
+
+        tqdm.std.tqdm.__init__ = functools.partialmethod(tqdm.std.tqdm.__init__, disable=True)
         hf_logging.disable_progress_bar()
         import datasets
 

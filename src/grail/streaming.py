@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from grail.errors import GrailError
 from grail.models.arch import ArchSpec, arch_for
 from grail.models.modeling_grail import CLASSES
-from grail.models.saving import check_finite, checkpoint_layout, finish_checkpoint
+from grail.models.saving import check_finite, checkpoint_layout, finish_checkpoint, verify_checksums
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ class CheckpointReader:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
+        verify_checksums(self.folder)
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]

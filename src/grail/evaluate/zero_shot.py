@@ -25,6 +25,7 @@ import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 from torch import nn
 
@@ -232,6 +233,7 @@ def zero_shot(
     (BoolQ, WinoGrande), the usual column of pruning papers.
     """
     lm_eval = require_lm_eval()
+    from lm_eval import evaluator
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
@@ -244,15 +246,18 @@ def zero_shot(
             names = {task: task for task in tasks}
             manager = TaskManager()
         try:
-            output = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=list(names.values()),
-                num_fewshot=0,
-                limit=limit,
-                task_manager=manager,
-                bootstrap_iters=0,
-                log_samples=False,
-            )
+            # The harness records the git commit of the current folder, and git prints "fatal: not a
+            # git repository" outside one; GRAIL's results record their own versions instead.
+            with mock.patch.object(evaluator, "get_git_commit_hash", lambda: None):
+                output = lm_eval.simple_evaluate(
+                    model=lm,
+                    tasks=list(names.values()),
+                    num_fewshot=0,
+                    limit=limit,
+                    task_manager=manager,
+                    bootstrap_iters=0,
+                    log_samples=False,
+                )
         except (OSError, ConnectionError) as err:
             raise GrailError(
                 f"zero-shot tasks could not be loaded ({err}); without network access pass --data_dir."

@@ -13,6 +13,7 @@ from torch import nn
 from grail.errors import GrailError
 from grail.models.arch import arch_for
 from grail.models.modeling_grail import CLASSES, OUTPUT_BIAS_KEY
+from grail.models.saving import verify_checksums
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torc
     location, gguf = resolve_model(name)
     extra = {"gguf_file": gguf} if gguf else {}
     placement = {"device_map": "auto"} if str(device) == "auto" else {}  # accelerate spreads layers over GPUs
+    if not gguf and Path(location).is_dir():
+        verify_checksums(location)
     try:
         config = AutoConfig.from_pretrained(location, **extra)
         arch_for(config)  # fail early, with the supported list, before reading any weights

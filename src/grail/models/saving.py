@@ -16,6 +16,8 @@ so a failure never leaves a half-written checkpoint behind.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -29,9 +31,11 @@ from grail.models import modeling_grail
 from grail.models.arch import ArchSpec, arch_for, layer_shape
 from grail.models.modeling_grail import OUTPUT_BIAS_KEY
 
+CHECKSUMS = "grail_checksums.json"  # SHA-256 of each weight file, written with every checkpoint
+
 
 class SaveError(GrailError, ValueError):
-    """The checkpoint folder cannot be written."""
+    """The checkpoint folder cannot be written, or a saved one was damaged."""
 
 
 def check_save_target(out_dir: str | os.PathLike) -> Path:
@@ -190,13 +194,40 @@ def save_pruned(model: nn.Module, tokenizer, out_dir: str | os.PathLike, metadat
 
 
 def finish_checkpoint(folder: Path, config, tokenizer, needs_code: bool) -> None:
-    """Config (when not written yet), tokenizer and, when needed, the modeling file."""
+    """Config (when not written yet), tokenizer, when needed the modeling file, and the weights' checksums."""
     if config is not None:
         config.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     if needs_code:
         shutil.copy(modeling_grail.__file__, folder / "modeling_grail.py")
+    checksums = {f.name: _sha256(f) for f in sorted(folder.glob("*.safetensors"))}
+    (folder / CHECKSUMS).write_text(json.dumps({"sha256": checksums}, indent=2))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_checksums(folder: str | os.PathLike) -> None:
+    """Refuse weight files that differ from the checksums recorded when GRAIL saved them (if it did)."""
+    folder = Path(folder)
+    record = folder / CHECKSUMS
+    if not record.is_file():
+        return
+    for name, expected in json.loads(record.read_text())["sha256"].items():
+        path = folder / name
+        if not path.is_file():
+            raise SaveError(f"{str(path)!r} is missing from the checkpoint; restore it or save the model again.")
+        if _sha256(path) != expected:
+            raise SaveError(
+                f"{str(path)!r} differs from the checksum recorded when it was saved (damaged or changed); "
+                "restore it or save the model again."
+            )
 
 
 def write_atomically(out_dir: str | os.PathLike, write) -> Path:
