@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,9 +53,17 @@ class Calibration:
         """The batches holding samples below ``n_samples``, as separate lists (in-memory tensors are shared)."""
         keep = [b for b, ids in enumerate(self.ids) if int(ids[0]) < n_samples]
         hidden = [self.hidden[b] for b in keep]
-        if self.spill_dir is not None:  # file-backed tensors are updated in place: copy them
-            hidden = [_spill(h, Path(tempfile.mkdtemp(dir=self.spill_dir))) for h in hidden]
-        return Calibration(hidden, [self.kwargs[b] for b in keep], [self.ids[b] for b in keep], self.spill_dir)
+        spill_dir = self.spill_dir
+        if spill_dir is not None:  # file-backed tensors are updated in place: copy them, into a folder of their own
+            spill_dir = Path(tempfile.mkdtemp(dir=self.spill_dir))
+            hidden = [_spill(h, spill_dir) for h in hidden]
+        return Calibration(hidden, [self.kwargs[b] for b in keep], [self.ids[b] for b in keep], spill_dir)
+
+    def release(self) -> None:
+        """Delete the memory-mapped files of spilled activations (nothing to do in memory)."""
+        if self.spill_dir is not None:
+            self.hidden = []
+            shutil.rmtree(self.spill_dir, ignore_errors=True)
 
 
 class InMemoryLayers:
@@ -122,8 +131,10 @@ def capture_layer_inputs(
     dtype = model.get_input_embeddings().weight.dtype
     n_bytes = windows.numel() * model.config.hidden_size * torch.finfo(dtype).bits // 8
     where = _storage_for(device, n_bytes) if spill_dir is None else "disk"
-    if where == "disk":
-        spill_dir = Path(spill_dir or tempfile.mkdtemp(prefix="grail-activations-"))
+    if where == "disk":  # a folder of this capture's own (in the given folder, or the system's temporary one)
+        if spill_dir is not None:
+            Path(spill_dir).mkdir(parents=True, exist_ok=True)
+        spill_dir = Path(tempfile.mkdtemp(prefix="grail-activations-", dir=spill_dir))
         log.info("calibration activations (%.1f GiB) spill to memory-mapped files in %s", n_bytes / 2**30, spill_dir)
     captured: list[tuple[Tensor, dict]] = []
 

@@ -179,14 +179,28 @@ def prune_model(
             )
         ids = distributed.shard(needed)  # all windows in one process; a share of them under torchrun
         with timer.section("calibration"):
-            calib = _cached(
+            captured = _cached(
                 cache,
                 ("first layer inputs", needed, config.calib_batch_size),
                 lambda: capture_layer_inputs(
                     model, arch, windows[ids], config.calib_batch_size, ids, config.offload_activations
                 ),
-            ).first_samples(needed)
+            )
+            calib = captured.first_samples(needed)
         report.calibration_windows = needed
+    try:
+        _prune_layers(model, arch, layers, calib, config, method, timer, report, progress, cache, layer_source)
+    finally:  # spilled activations are deleted, whether pruning ended or was interrupted
+        if calib is not None:
+            calib.release()
+            if cache is None:
+                captured.release()
+    report.params_after = linear_param_count(arch, model)
+    return report
+
+
+def _prune_layers(model, arch, layers, calib, config, method, timer, report, progress, cache, layer_source) -> None:
+    """The layer loop of :func:`prune_model`: plan (global allocators), then prune each layer in order."""
 
     dense: dict[tuple[int, str], InputStats] = {}
     if method.allocator.is_global:
@@ -204,8 +218,6 @@ def prune_model(
                 run_layer(layer, calib, update=True)
             report.layer_passes += 1
         layer_source.release(index, layer, write=True)
-    report.params_after = linear_param_count(arch, model)
-    return report
 
 
 def _cached(cache: dict | None, key: tuple, compute):
@@ -236,20 +248,17 @@ def _plan(
     if selector.uses_activations:
         key = ("dense statistics", config.nsamples, config.calib_batch_size)
         fresh = cache is None or key not in cache
+
+        def scoring_pass() -> dict:
+            scratch = calib.first_samples(config.nsamples)  # advanced through every layer, then dropped
+            try:
+                observe = lambda i, s: score(i, layers[i], s)  # noqa: E731
+                return dense_statistics(arch, layers, scratch, config.nsamples, layer_source, observe, progress)
+            finally:
+                scratch.release()
+
         with timer.section("calibration"):
-            dense = _cached(
-                cache,
-                key,
-                lambda: dense_statistics(
-                    arch,
-                    layers,
-                    calib.first_samples(config.nsamples),
-                    config.nsamples,
-                    layer_source,
-                    lambda i, s: score(i, layers[i], s),
-                    progress,
-                ),
-            )
+            dense = _cached(cache, key, scoring_pass)
         report.layer_passes += len(layers) if fresh else 0
     with timer.section("pruning"):
         if not all(scored):  # statistics from the cache (layers in memory), or a selector that reads none

@@ -22,6 +22,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from grail.calibration import Calibration
 from grail.config import RunConfig
 from grail.errors import GrailError
 from grail.methods import make_method
@@ -123,16 +124,21 @@ def sweep(base: RunConfig, runs: list[dict], out_dir: str | Path, progress: bool
         write_json(dense_path, execute(replace(base, prune=replace(base.prune, pruning_ratio=0.0)), model))
     dense = json.loads(dense_path.read_text())
     results_ = []
-    for number, (overrides, config) in enumerate(zip(runs, configs, strict=True), start=1):
-        path = out / "runs" / f"{run_key(overrides)}.json"
-        if path.exists():
-            results_.append(json.loads(path.read_text()))
-            log.info("sweep run %d/%d: %s (done before)", number, len(runs), run_key(overrides))
-            continue
-        log.info("sweep run %d/%d: %s", number, len(runs), run_key(overrides))
-        result = {"overrides": overrides, **execute(config, copy.deepcopy(model))}
-        write_json(path, result)
-        results_.append(result)
+    try:
+        for number, (overrides, config) in enumerate(zip(runs, configs, strict=True), start=1):
+            path = out / "runs" / f"{run_key(overrides)}.json"
+            if path.exists():
+                results_.append(json.loads(path.read_text()))
+                log.info("sweep run %d/%d: %s (done before)", number, len(runs), run_key(overrides))
+                continue
+            log.info("sweep run %d/%d: %s", number, len(runs), run_key(overrides))
+            result = {"overrides": overrides, **execute(config, copy.deepcopy(model))}
+            write_json(path, result)
+            results_.append(result)
+    finally:  # the first-layer activations the runs shared, when they spilled to disk
+        for value in cache.values():
+            if isinstance(value, Calibration):
+                value.release()
     summary = {
         "model": base.model,
         "seqlen": base.seqlen,

@@ -47,15 +47,18 @@ def window_nll(
         for start in range(0, len(windows), chunk):
             part = windows[start : start + chunk]
             hidden = capture_layer_inputs(model, arch, part, batch_size)
-            for index, layer in enumerate(layers):
-                layer_source.load(index, layer)
-                run_layer(layer, hidden, update=True)
-                layer_source.release(index, layer, write=False)
-            for states, ids in zip(hidden.hidden, part.split(batch_size), strict=True):
-                states = norm(states.to(head.weight.device))
-                for row, target in zip(states, ids.to(states.device), strict=True):
-                    logits = head(row[:-1]).float()
-                    totals.append(F.cross_entropy(logits, target[1:], reduction="sum").double().cpu())
+            try:
+                for index, layer in enumerate(layers):
+                    layer_source.load(index, layer)
+                    run_layer(layer, hidden, update=True)
+                    layer_source.release(index, layer, write=False)
+                for states, ids in zip(hidden.hidden, part.split(batch_size), strict=True):
+                    states = norm(states.to(head.weight.device))
+                    for row, target in zip(states, ids.to(states.device), strict=True):
+                        logits = head(row[:-1]).float()
+                        totals.append(F.cross_entropy(logits, target[1:], reduction="sum").double().cpu())
+            finally:
+                hidden.release()
             bar.update(len(part))
     return torch.stack(totals)
 
