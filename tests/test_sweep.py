@@ -82,3 +82,24 @@ def test_zero_shot_table_has_one_header_cell_per_column():
     first = lines.index("| Method | 20% | 50% |")
     assert lines[first + 1] == "|---|---|---|"
     assert lines[first + 2] == "| flap | 0.4000 | 0.4000 |"
+
+
+def test_an_interrupted_sweep_exits_with_one_line_and_resumes(tiny_checkpoint, data_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "sweep"
+    real, calls = grail.pipeline.prune_model, []
+
+    def interrupted_third_run(*args, **kwargs):
+        if args[2].pruning_ratio > 0:
+            calls.append(args[2].prune_method)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(grail.pipeline, "prune_model", interrupted_third_run)
+    assert main(_args(tiny_checkpoint, data_dir, out)) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: interrupted")
+    assert len(list((out / "runs").glob("*.json"))) == 1 + 2  # the dense run and the two finished runs
+    monkeypatch.setattr(grail.pipeline, "prune_model", real)
+    assert main(_args(tiny_checkpoint, data_dir, out)) == 0
+    assert len(json.loads((out / "sweep.json").read_text())["results"]) == 8
