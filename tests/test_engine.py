@@ -217,3 +217,31 @@ def test_auto_lambda_summary_line():
         progress=False,
     )
     assert fixed.auto_lambda_summary() is None
+
+
+def test_aligned_removal_by_hand():
+    from grail.methods.base import aligned_removal
+
+    assert aligned_removal(80, 30, 16) == 32  # 50 kept -> 48
+    assert aligned_removal(80, 10, 16) == 16  # 70 kept -> 64
+    assert aligned_removal(80, 79, 16) == 64  # at least one multiple stays
+    assert aligned_removal(8, 3, 16) == 0  # narrower than the multiple: left whole
+    assert aligned_removal(80, 30, 1) == 30
+
+
+@pytest.mark.parametrize("method", ["flap", "wanda_sp", "slimgpt"])
+def test_align_keeps_multiples_within_one_aligned_unit_per_block(method):
+    """--align 16: every kept MLP width is a multiple of 16, and the model loses what the
+    unaligned run loses to within half an aligned unit per block (MLP channels of 3 x 48 parameters)."""
+    model = tiny_model("llama", 4, 2, layers=3)
+    windows = random_windows(6, 24)
+    removed = {}
+    for align in (1, 16):
+        pruned = copy.deepcopy(model)
+        config = PruneConfig(prune_method=method, pruning_ratio=0.4, nsamples=6, align=align)
+        report = prune_model(pruned, windows, config, progress=False)
+        widths = [layer.mlp.down_proj.in_features for layer in arch_for(model.config).decoder_layers(pruned)]
+        if align > 1:
+            assert all(w % align == 0 for w in widths), widths
+        removed[align] = report.params_before - report.params_after
+    assert abs(removed[16] - removed[1]) <= 3 * (16 / 2) * (3 * 48)

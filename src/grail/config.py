@@ -182,6 +182,12 @@ class PruneConfig:
         "attention unit under grouped-query attention: a key/value group, or a bundle of query heads (one per group)",
         choices=ATTENTION_UNITS,
     )
+    align: int = option(
+        1,
+        "round every layer's kept MLP channels to a multiple of N (the tile sizes of the hardware's matrix "
+        "kernels, e.g. 64); attention already goes by whole heads",
+        minimum=1,
+    )
     calib_batch_size: int = option(8, "calibration windows per forward batch", minimum=1)
     offload_activations: str | None = option(
         None,

@@ -11,6 +11,7 @@ The engine (:mod:`grail.engine`) drives the parts in the same way for every meth
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -126,6 +127,45 @@ class UniformAllocation(Allocator):
         self, layer_index: int, n_layers: int, attention: BlockUnits, mlp: BlockUnits, layer_params: int
     ) -> tuple[int, int]:
         return uniform_allocation(self.ratio, attention, mlp, layer_params, self.attention_per_layer)
+
+
+def aligned_removal(count: int, n_remove: int, multiple: int) -> int:
+    """Units to remove so that the kept ones are the multiple of ``multiple`` nearest to ``count - n_remove``.
+
+    At least one multiple is kept, and never more units than there are (a block narrower than
+    ``multiple`` is left whole).
+    """
+    kept = count - n_remove
+    aligned = max(multiple, multiple * math.floor(kept / multiple + 0.5))
+    return count - min(aligned, count)
+
+
+@dataclass
+class AlignedAllocation(Allocator):
+    """Another allocator's counts, with each layer's kept MLP channels rounded to a multiple of ``multiple``.
+
+    Each block moves by at most half a multiple, so the model stays within one aligned unit per
+    block of the allocator's parameter budget.
+    """
+
+    inner: Allocator
+    multiple: int
+
+    @property
+    def is_global(self) -> bool:
+        return self.inner.is_global
+
+    def plan(self, scored: list[dict[str, tuple[BlockUnits, Tensor]]], layer_params: list[int]) -> None:
+        self.inner.plan(scored, layer_params)
+
+    def check(self, attention: list[BlockUnits]) -> None:
+        self.inner.check(attention)
+
+    def allocate(
+        self, layer_index: int, n_layers: int, attention: BlockUnits, mlp: BlockUnits, layer_params: int
+    ) -> tuple[int, int]:
+        n_attn, n_mlp = self.inner.allocate(layer_index, n_layers, attention, mlp, layer_params)
+        return n_attn, aligned_removal(mlp.count, n_mlp, self.multiple)
 
 
 class LayerTransform:
