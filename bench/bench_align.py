@@ -20,30 +20,15 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
-import time
 from dataclasses import replace
 
 import torch
 
 import grail
 from grail.cli import add_config_options, config_from_args
+from grail.evaluate.speed import SpeedSetting, measure_speed
 from grail.models.arch import arch_for
 from grail.models.loading import torch_dtype
-
-
-def prefill_tokens_per_s(model, ids: torch.Tensor) -> float:
-    start = time.perf_counter()
-    with torch.no_grad():
-        model(input_ids=ids, use_cache=False)
-    return ids.numel() / (time.perf_counter() - start)
-
-
-def decode_tokens_per_s(model, prompt: torch.Tensor, new_tokens: int) -> float:
-    with torch.no_grad():
-        start = time.perf_counter()
-        model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    return new_tokens / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -66,34 +51,25 @@ def main() -> None:
         pruned = copy.deepcopy(dense)
         grail.prune_model(pruned, windows, replace(run.prune, align=align), progress=False)
         models[f"align {align}"] = pruned
-    text_ids = grail.calibration_data(tokenizer, run.dataset, 1, args.prefill, seed=1, data_dir=run.data_dir)[0]
-    device = dense.get_input_embeddings().weight.device
-    text_ids = text_ids.to(device)
     figures: dict[str, dict] = {}
     for name, model in models.items():
-        arch = arch_for(model.config)
-        layers = arch.decoder_layers(model)
+        layers = arch_for(model.config).decoder_layers(model)
         figures[name] = {
             "ppl": grail.evaluate_perplexity(
                 model, tokenizer, run.dataset, run.seqlen, run.data_dir, run.eval_samples, progress=False
             )["ppl"],
             "params": sum(p.numel() for p in model.parameters()),
             "mlp_widths": sorted({layer.mlp.down_proj.in_features for layer in layers}),
-            "prefill": [],
-            "decode": [],
         }
-    for _ in range(args.rounds):
-        for name, model in models.items():
-            figures[name]["prefill"].append(prefill_tokens_per_s(model, text_ids))
-            figures[name]["decode"].append(decode_tokens_per_s(model, text_ids[:, : args.prompt], args.decode))
-    base = figures["dense"]
-    for entry in figures.values():
-        entry["prefill_tokens_per_s"] = statistics.median(entry.pop("prefill"))
-        entry["decode_tokens_per_s"] = statistics.median(entry.pop("decode"))
-    for entry in figures.values():
-        entry["prefill_ratio"] = round(entry["prefill_tokens_per_s"] / base["prefill_tokens_per_s"], 3)
-        entry["decode_ratio"] = round(entry["decode_tokens_per_s"] / base["decode_tokens_per_s"], 3)
-        entry["params_ratio"] = round(entry["params"] / base["params"], 4)
+    setting = SpeedSetting(args.prefill, args.prompt, args.decode, (1,), args.rounds)
+    for name, speed in measure_speed(models, setting).items():
+        figures[name] |= {
+            "prefill_tokens_per_s": speed["prefill_b1"],
+            "decode_tokens_per_s": speed["decode_b1"],
+            "prefill_ratio": speed["prefill_b1_ratio"],
+            "decode_ratio": speed["decode_b1_ratio"],
+            "params_ratio": round(figures[name]["params"] / figures["dense"]["params"], 4),
+        }
     summary = {"setting": {k: v for k, v in vars(args).items() if k != "method_options"}, "models": figures}
     print(json.dumps(summary, indent=2, default=str))
     if run.output_json:

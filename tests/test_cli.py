@@ -246,3 +246,20 @@ def test_underdetermined_fits_and_unreachable_ratios_are_reported(tiny_checkpoin
     caplog.clear()
     assert main(_tiny_args(tiny_checkpoint, data_dir, tmp_path, "--pruning_ratio", "0.99")) == 0
     assert "could be removed: every block keeps at least one unit" in caplog.text
+
+
+def test_speed_compares_saved_models_side_by_side(tiny_checkpoint, tmp_path, capsys):
+    pruned = tmp_path / "pruned"
+    args = ["--model", str(tiny_checkpoint), "--prune_method", "mag_sp", "--pruning_ratio", "0.5", "--seqlen", "32"]
+    assert main([*args, "--device", "cpu", "--save_model", str(pruned), "--quiet"]) == 0
+    out = tmp_path / "speed.json"
+    speed = ["speed", str(tiny_checkpoint), str(pruned), "--prefill", "16", "--prompt", "4", "--decode", "3"]
+    assert main([*speed, "--rounds", "1", "--batch_sizes", "1,2", "--device", "cpu", "--output_json", str(out)]) == 0
+    figures = json.loads(out.read_text())["models"]
+    dense, small = figures[str(tiny_checkpoint)], figures[str(pruned)]
+    for key in ("prefill_b1", "decode_b1", "prefill_b2", "decode_b2"):
+        assert dense[f"{key}_ratio"] == 1.0 and dense[key] > 0
+        assert small[f"{key}_ratio"] == pytest.approx(small[key] / dense[key], rel=1e-2)
+    assert small["weights_mib"] < dense["weights_mib"]
+    assert "prefill_b1" in capsys.readouterr().out
+    assert main(["speed", str(tiny_checkpoint), "--rounds", "0", "--device", "cpu"]) == 2

@@ -40,8 +40,8 @@ def _add_option(group: argparse._ArgumentGroup, f: Field, method: str | None = N
     group.add_argument(f"--{flag_name(f)}", dest=f.name, type=parse, default=default, help=text)
 
 
-def add_config_options(parser: argparse.ArgumentParser) -> None:
-    """Add a flag for every declared option: the run's, pruning's, and every method's own."""
+def add_config_options(parser: argparse.ArgumentParser, only: set[str] | None = None) -> None:
+    """Add a flag for every declared option (or those named in ``only``): the run's, pruning's, every method's."""
     groups = {name: parser.add_argument_group(name) for name in ("core", "compensation", "evaluation and output")}
 
     def group(name: str) -> argparse._ArgumentGroup:
@@ -51,7 +51,10 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
 
     for cls in (RunConfig, PruneConfig):
         for f in declared_options(cls):
-            _add_option(group(f.metadata["group"]), f)
+            if only is None or f.name in only:
+                _add_option(group(f.metadata["group"]), f)
+    if only is not None:
+        return
     for name, method in sorted(METHODS.items()):
         if method.options is not None:
             for f in declared_options(method.options):
@@ -197,10 +200,64 @@ def _guarded(job) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
+def build_speed_parser() -> argparse.ArgumentParser:
+    """``grail speed``: inference speed of saved models, side by side."""
+    p = argparse.ArgumentParser(
+        prog="grail speed",
+        description="Prefill and decode tokens/s of each model in transformers, interleaved in one process, with "
+        "ratios to the first model (give the dense one first).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("models", nargs="+", help="saved checkpoints, .gguf files, hub ids or 'smollm2-135m'")
+    add_config_options(p, only={"device", "dtype", "output_json"})
+    g = p.add_argument_group("speed")
+    g.add_argument("--prefill", type=int, default=512, help="tokens per sequence of the prefill pass")
+    g.add_argument("--prompt", type=int, default=128, help="prompt tokens before decoding")
+    g.add_argument("--decode", type=int, default=128, help="new tokens decoded (greedy, key/value cache)")
+    g.add_argument("--batch_sizes", default="1,8", help="comma-separated batch sizes")
+    g.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _speed(args: argparse.Namespace) -> int:
+    from grail.evaluate.speed import SpeedSetting, format_speed, measure_speed
+    from grail.models.loading import load_model, torch_dtype
+    from grail.pipeline import check_device, default_device, write_json
+
+    device = args.device or default_device()
+    check_device(device, args.dtype)
+    try:
+        batches = tuple(int(b) for b in args.batch_sizes.split(","))
+    except ValueError:
+        raise GrailError(f"--batch_sizes takes comma-separated integers, got {args.batch_sizes!r}.") from None
+    numbers = {"--prefill": args.prefill, "--prompt": args.prompt, "--decode": args.decode, "--rounds": args.rounds}
+    for flag, value in {**numbers, "--batch_sizes": min(batches)}.items():
+        if value < 1:
+            raise GrailError(f"{flag} must be at least 1, got {value}.")
+    models = {}
+    for name in args.models:
+        if name in models:
+            raise GrailError(f"{name!r} is given twice; give each model once.")
+        models[name] = load_model(name, torch_dtype(args.dtype), device)[0]
+    setting = SpeedSetting(args.prefill, args.prompt, args.decode, batches, args.rounds)
+    figures = measure_speed(models, setting)
+    print(format_speed(figures))
+    if args.output_json:
+        write_json(
+            args.output_json, {"setting": vars(setting), "device": device, "dtype": args.dtype, "models": figures}
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "sweep":
         return sweep_main(argv[1:])
+    if argv and argv[0] == "speed":
+        args = build_speed_parser().parse_args(argv[1:])
+        _set_up_logging(args)
+        return _guarded(lambda: _speed(args))
     args = build_parser().parse_args(argv)
     _set_up_logging(args)
 

@@ -260,9 +260,11 @@ def strict_json(payload):
 def write_json(path: str | Path, payload: dict) -> None:
     """Write ``payload`` as strict JSON, atomically (a reader never sees half a file)."""
     path = Path(path)
-    clean = strict_json(payload)
-    if clean != payload:
+    try:
+        json.dumps(payload, allow_nan=False)
+    except ValueError:
         log.warning("%s: NaN or Inf values (an overflowing perplexity, for one) are written as null", path)
+    clean = strict_json(payload)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(clean, indent=2, allow_nan=False))
