@@ -263,3 +263,5 @@ def test_speed_compares_saved_models_side_by_side(tiny_checkpoint, tmp_path, cap
     assert small["weights_mib"] < dense["weights_mib"]
     assert "prefill_b1" in capsys.readouterr().out
     assert main(["speed", str(tiny_checkpoint), "--rounds", "0", "--device", "cpu"]) == 2
+    assert main(["speed", str(tiny_checkpoint), "--dtype", "float8", "--device", "cpu"]) == 2
+    assert "--dtype must be one of" in capsys.readouterr().err

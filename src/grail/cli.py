@@ -223,10 +223,14 @@ def build_speed_parser() -> argparse.ArgumentParser:
 def _speed(args: argparse.Namespace) -> int:
     from grail.evaluate.speed import SpeedSetting, format_speed, measure_speed
     from grail.models.loading import load_model, torch_dtype
+    from grail.models.saving import check_output_file
     from grail.pipeline import check_device, default_device, write_json
 
-    device = args.device or default_device()
-    check_device(device, args.dtype)
+    run = RunConfig(device=args.device, dtype=args.dtype, output_json=args.output_json)  # validates them
+    device = run.device or default_device()
+    check_device(device, run.dtype)
+    if run.output_json:
+        check_output_file(run.output_json, "--output_json")
     try:
         batches = tuple(int(b) for b in args.batch_sizes.split(","))
     except ValueError:
