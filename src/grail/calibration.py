@@ -60,9 +60,9 @@ class Calibration:
         return Calibration(hidden, [self.kwargs[b] for b in keep], [self.ids[b] for b in keep], spill_dir)
 
     def release(self) -> None:
-        """Delete the memory-mapped files of spilled activations (nothing to do in memory)."""
+        """Drop the activations: their memory is freed once nothing else holds them, spilled files are deleted."""
+        self.hidden, self.kwargs, self.ids = [], [], []
         if self.spill_dir is not None:
-            self.hidden = []
             shutil.rmtree(self.spill_dir, ignore_errors=True)
 
 

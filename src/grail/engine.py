@@ -188,13 +188,17 @@ def prune_model(
             )
             calib = captured.first_samples(needed)
         report.calibration_windows = needed
+        # Without a cache nothing else needs the captured inputs: keep a handle only on spilled
+        # files (to delete them), so in-memory activations can be freed as soon as pruning is done with them.
+        spilled = captured if cache is None and captured.spill_dir is not None else None
+        del captured
     try:
         _prune_layers(model, arch, layers, calib, config, method, timer, report, progress, cache, layer_source)
     finally:  # spilled activations are deleted, whether pruning ended or was interrupted
         if calib is not None:
             calib.release()
-            if cache is None:
-                captured.release()
+            if spilled is not None:
+                spilled.release()
     report.params_after = linear_param_count(arch, model)
     return report
 
@@ -205,8 +209,9 @@ def _prune_layers(model, arch, layers, calib, config, method, timer, report, pro
     dense: dict[tuple[int, str], InputStats] = {}
     if method.allocator.is_global:
         dense = _plan(arch, layers, calib, config, method, timer, report, progress, cache, layer_source)
-        if not config.compensate and not method.transforms:
-            calib = None  # the plan and the scoring pass's statistics are all that pruning needs
+        if calib is not None and not config.compensate and not method.transforms:
+            calib.release()  # the plan and the scoring pass's statistics are all that pruning needs
+            calib = None
 
     step = _LayerStep(arch, calib, config, CompensationPolicy.from_config(config), method, timer, report)
     desc = f"{method.name} + GRAIL" if config.compensate else method.name
