@@ -61,17 +61,22 @@ def check_writable(folder: Path, flag: str) -> None:
     os.unlink(name)
 
 
-def check_output_file(path: str | os.PathLike, flag: str) -> Path:
-    """Fail before any work unless ``path`` can be written as a file (its missing parents are created later)."""
-    target = Path(path).expanduser()
-    if target.is_dir():
-        raise SaveError(f"{flag} {str(target)!r} is a folder; give a file path.")
-    ancestor = target.parent
+def _check_creatable(target: Path, start: Path, flag: str) -> None:
+    """The nearest existing folder at or above ``start`` must be a folder this process can write in."""
+    ancestor = start
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise SaveError(f"{flag} {str(target)!r}: {str(ancestor)!r} is a file, not a folder.")
     check_writable(ancestor, flag)
+
+
+def check_output_file(path: str | os.PathLike, flag: str) -> Path:
+    """Fail before any work unless ``path`` can be written as a file (its missing parents are created later)."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise SaveError(f"{flag} {str(target)!r} is a folder; give a file path.")
+    _check_creatable(target, target.parent, flag)
     return target
 
 
@@ -80,12 +85,7 @@ def check_output_folder(path: str | os.PathLike, flag: str) -> Path:
     target = Path(path).expanduser()
     if target.exists() and not target.is_dir():
         raise SaveError(f"{flag} {str(target)!r} is a file; give a folder.")
-    ancestor = target
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise SaveError(f"{flag} {str(target)!r}: {str(ancestor)!r} is a file, not a folder.")
-    check_writable(ancestor, flag)
+    _check_creatable(target, target, flag)
     return target
 
 
