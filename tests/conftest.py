@@ -37,11 +37,13 @@ _FAMILIES = {
 TINY_VARIANTS = [("llama", 4, 4), ("llama", 6, 2), ("mistral", 4, 2), ("qwen2", 6, 3), ("qwen3", 4, 2)]
 
 
-def tiny_model(family: str = "llama", heads: int = 4, kv_heads: int = 2, layers: int = 2, seed: int = 0, **extra):
+def tiny_model(
+    family: str = "llama", heads: int = 4, kv_heads: int = 2, layers: int = 2, seed: int = 0, vocab_size: int = 96, **extra
+):
     """A small random model of the given family, in float32 evaluation mode."""
     config_cls, model_cls = _FAMILIES[family]
     config = config_cls(
-        vocab_size=96,
+        vocab_size=vocab_size,
         hidden_size=48,
         intermediate_size=80,
         num_hidden_layers=layers,

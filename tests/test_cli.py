@@ -66,6 +66,8 @@ def _setup(kind: str | None, tmp: Path, data_dir: Path) -> None:
         (tmp / "x").write_text("")
     elif kind == "file":
         (tmp / "file").write_text("")
+    elif kind == "gguf file":
+        (tmp / "model.gguf").write_text("")
     elif kind == "empty data":
         data.mkdir()
     elif kind in ("wikitext only", "binary wiki.test.raw", "short wiki.test.raw"):

@@ -10,6 +10,7 @@ Typical use::
     report = grail.prune_model(model, windows, config)
     print(grail.evaluate_perplexity(model, tokenizer, "wikitext2", seqlen=512, max_windows=16))
     grail.save_pruned(model, tokenizer, "smollm2-pruned")
+    grail.save_gguf(model, tokenizer, "smollm2-pruned.gguf")  # for llama.cpp
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from grail.engine import PruneReport, prune_model
 from grail.errors import GrailError
 from grail.methods.flap import FLAPOptions
 from grail.methods.wanda_pp import WandaPPOptions
+from grail.models.gguf_export import save_gguf
 from grail.models.loading import load_model
 from grail.models.saving import save_pruned
 from grail.pipeline import calibration_data, evaluate_perplexity, run
@@ -37,5 +39,6 @@ __all__ = [
     "load_model",
     "prune_model",
     "run",
+    "save_gguf",
     "save_pruned",
 ]

@@ -204,11 +204,14 @@ def build_speed_parser() -> argparse.ArgumentParser:
     """``grail speed``: inference speed of saved models, side by side."""
     p = argparse.ArgumentParser(
         prog="grail speed",
-        description="Prefill and decode tokens/s of each model in transformers, interleaved in one process, with "
-        "ratios to the first model (give the dense one first).",
+        description="Prefill and decode tokens/s of each model (checkpoints in transformers, .gguf files in "
+        "llama.cpp), interleaved in one process, with ratios to the first model of the same runtime (give the "
+        "dense one first).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("models", nargs="+", help="saved checkpoints, .gguf files, hub ids or 'smollm2-135m'")
+    p.add_argument(
+        "models", nargs="+", help="saved checkpoints, hub ids or 'smollm2-135m' (transformers); .gguf files (llama.cpp)"
+    )
     add_config_options(p, only={"device", "dtype", "output_json"})
     g = p.add_argument_group("speed")
     g.add_argument("--prefill", type=int, default=512, help="tokens per sequence of the prefill pass")
@@ -243,7 +246,12 @@ def _speed(args: argparse.Namespace) -> int:
     for name in args.models:
         if name in models:
             raise GrailError(f"{name!r} is given twice; give each model once.")
-        models[name] = load_model(name, torch_dtype(args.dtype), device)[0]
+        if name.endswith(".gguf"):
+            if not Path(name).is_file():
+                raise GrailError(f"GGUF file {name!r} does not exist; check the path.")
+            models[name] = name
+        else:
+            models[name] = load_model(name, torch_dtype(args.dtype), device)[0]
     setting = SpeedSetting(args.prefill, args.prompt, args.decode, batches, args.rounds)
     figures = measure_speed(models, setting)
     print(format_speed(figures))
@@ -254,8 +262,39 @@ def _speed(args: argparse.Namespace) -> int:
     return 0
 
 
+def build_export_parser() -> argparse.ArgumentParser:
+    """``grail export``: a saved checkpoint (or any loadable model) as a GGUF file for llama.cpp."""
+    p = argparse.ArgumentParser(
+        prog="grail export",
+        description="Write a model (a GRAIL checkpoint, a folder, a .gguf file, a hub id or 'smollm2-135m') as a "
+        "GGUF file that llama.cpp runs; per-layer widths use llama.cpp's 'deci' architecture.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("model", help="the model to export")
+    p.add_argument("--gguf", required=True, help="the GGUF file to write (must not exist)")
+    add_config_options(p, only={"gguf_type"})
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _export(args: argparse.Namespace) -> int:
+    from grail.models.gguf_export import check_gguf_target, save_gguf
+    from grail.models.loading import load_model
+
+    RunConfig(gguf_type=args.gguf_type)  # validates it
+    target = check_gguf_target(args.gguf)
+    model, tokenizer = load_model(args.model)
+    save_gguf(model, tokenizer, target, args.gguf_type)
+    print(f"wrote {target}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "export":
+        args = build_export_parser().parse_args(argv[1:])
+        _set_up_logging(args)
+        return _guarded(lambda: _export(args))
     if argv and argv[0] == "sweep":
         return sweep_main(argv[1:])
     if argv and argv[0] == "speed":

@@ -25,6 +25,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 FITS = ("affine", "linear", "seed")
 PRIORS = ("zero", "pruned")  # what the ridge penalty pulls the reconstruction towards
 ATTENTION_UNITS = ("group", "query")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # weight formats of --save_gguf
 DATA_DIR_ENV = "GRAIL_DATA_DIR"
 
 
@@ -293,6 +294,26 @@ class RunConfig:
         "write the pruned model (safetensors, tokenizer, config) to this new folder",
         group="evaluation and output",
         parse=str,
+    )
+    save_gguf: str | None = option(
+        None,
+        "also write the pruned model as a GGUF file for llama.cpp (per-layer widths use llama.cpp's 'deci' "
+        "architecture)",
+        group="evaluation and output",
+        parse=str,
+    )
+    gguf_type: str = option(
+        "f16",
+        "weight format of --save_gguf (q8_0 pads MLP widths to multiples of 32 with zero channels; --align 32 "
+        "avoids it)",
+        group="evaluation and output",
+        choices=GGUF_TYPES,
+    )
+    speed: bool = option(
+        False,
+        "measure prefill and decode tokens/s of the dense and the pruned model (and of --save_gguf in llama.cpp) "
+        "and add them to the results",
+        group="evaluation and output",
     )
     output_json: str | None = option(
         None, "write the results to this JSON file", group="evaluation and output", parse=str

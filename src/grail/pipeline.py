@@ -12,8 +12,9 @@ import json
 import logging
 import math
 import platform
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -26,7 +27,9 @@ from grail.config import RunConfig
 from grail.engine import PruneReport, prune_model
 from grail.errors import GrailError
 from grail.evaluate.perplexity import perplexity
+from grail.evaluate.speed import SpeedSetting, format_speed, measure_speed
 from grail.methods import Method, make_method
+from grail.models.gguf_export import SOURCE_GGUF_ATTR, check_gguf_target, save_gguf
 from grail.models.loading import load_model, resolve_model, torch_dtype
 from grail.models.saving import check_output_file, check_output_folder, check_save_target, save_pruned
 from grail.streaming import checkpoint_bytes, prune_streaming, streamed_model
@@ -275,6 +278,8 @@ def check_before_work(config: RunConfig) -> None:
     """Everything that can be checked without the model: outputs writable, zero-shot ready."""
     if config.save_model:
         check_save_target(config.save_model)
+    if config.save_gguf:
+        check_gguf_target(config.save_gguf, "--save_gguf")
     if config.output_json:
         check_output_file(config.output_json, "--output_json")
     if config.prune.offload_activations:
@@ -358,6 +363,27 @@ def library_versions() -> dict[str, str]:
     return found
 
 
+def measure_run_speed(model: nn.Module, config: RunConfig, device: str, dtype: torch.dtype) -> dict:
+    """Inference speed of the dense and the pruned model side by side (and of both as GGUF in llama.cpp)."""
+    dense, _ = load_model(config.model, dtype=dtype, device=device)
+    models: dict = {"dense": dense, "pruned": model}
+    setting = SpeedSetting()
+    with tempfile.TemporaryDirectory() as folder:
+        if config.save_gguf:
+            dense_gguf = Path(folder) / "dense.gguf"
+            save_gguf(dense, None, dense_gguf, config.gguf_type, source_gguf=_vocab_source(dense, config))
+            models |= {"dense.gguf": str(dense_gguf), "pruned.gguf": config.save_gguf}
+        log.info("measuring inference speed: %s", ", ".join(models))
+        figures = measure_speed(models, setting)
+    log.info("inference speed:\n%s", format_speed(figures))
+    return {"setting": asdict(setting), "models": figures}
+
+
+def _vocab_source(dense: nn.Module, config: RunConfig) -> str:
+    """The pruned model's exported file: it holds the same vocabulary as the dense model's."""
+    return getattr(dense, SOURCE_GGUF_ATTR, None) or config.save_gguf
+
+
 def run(config: RunConfig, progress: bool = True) -> dict:
     """Run the job described by ``config`` and return (and optionally write) its results.
 
@@ -383,8 +409,15 @@ def run(config: RunConfig, progress: bool = True) -> dict:
             else "--offload writes the pruned layers straight into the output checkpoint"
         )
         raise GrailError(f"{reason}; pass --save_model DIR to prune it layer by layer from disk.")
+    if streaming and (config.save_gguf or config.speed):
+        flag = "--save_gguf" if config.save_gguf else "--speed"
+        raise GrailError(
+            f"{flag} needs the whole pruned model in memory, which layer streaming avoids; drop {flag} and run "
+            f"'grail export {config.save_model} --gguf FILE' or 'grail speed' on the saved checkpoint afterwards."
+        )
     dtype = torch_dtype(config.dtype)
     metadata = {"config": config.to_dict()}
+    speed = None
     if streaming:
         if too_big:
             log.info("the model does not fit in memory: pruning it layer by layer from disk")
@@ -428,7 +461,14 @@ def run(config: RunConfig, progress: bool = True) -> dict:
                     model, tokenizer, config.save_model, metadata | {"removed_fraction": report.removed_fraction}
                 )
             log.info("saved the pruned model to %s", config.save_model)
+        if config.save_gguf and distributed.is_main():
+            with timer.section("export"):
+                save_gguf(model, tokenizer, config.save_gguf, config.gguf_type)
+            log.info("wrote the pruned model for llama.cpp to %s", config.save_gguf)
+        speed = measure_run_speed(model, config, device, dtype) if config.speed and distributed.is_main() else None
     out = results(config, report, evaluations, zero_shot, timer, started, workload, device, streaming)
+    if speed is not None:
+        out["speed"] = speed
     if config.output_json and distributed.is_main():
         write_json(config.output_json, out)
         log.info("results written to %s", config.output_json)

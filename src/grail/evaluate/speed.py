@@ -1,17 +1,21 @@
-"""Inference speed of models in ``transformers``, measured side by side in one process.
+"""Inference speed of models in ``transformers`` and of GGUF files in llama.cpp, side by side in one process.
 
 Prefill: tokens/s of one forward pass over ``batch x prefill`` tokens. Decode: new tokens/s
 of greedy generation with the key/value cache, ``decode`` tokens after a ``prompt``-token
-prompt, for each batch size. The models run interleaved, round by round, so a noisy machine
-slows them alike; each figure is the median over rounds, and every model also gets its
-ratio to the first model (the dense one, by convention).
+prompt, for each batch size (llama.cpp: batch 1 only). The models run interleaved, round by
+round, so a noisy machine slows them alike; each figure is the median over rounds, and every
+model also gets its ratio to the first model of the same runtime (the dense one, by
+convention).
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -58,40 +62,89 @@ def decode_tokens_per_s(model: nn.Module, prompt: torch.Tensor, new_tokens: int)
     return prompt.shape[0] * new_tokens / (time.perf_counter() - start)
 
 
-def measure_speed(models: dict[str, nn.Module], setting: SpeedSetting = SpeedSetting(), seed: int = 0) -> dict:
-    """``{name: {"prefill_bN": tokens/s, "decode_bN": tokens/s, ..., "<key>_ratio": x}}``, ratios to the first model."""
-    first = next(iter(models.values()))
-    device = first.get_input_embeddings().weight.device
-    vocab = first.get_input_embeddings().weight.shape[0]
+def _is_gguf(model) -> bool:
+    return isinstance(model, str | os.PathLike) and str(model).endswith(".gguf")
+
+
+def measure_speed(models: dict, setting: SpeedSetting = SpeedSetting(), seed: int = 0) -> dict:
+    """``{name: {"runtime", "prefill_bN": tokens/s, "decode_bN": tokens/s, ..., "<key>_ratio": x}}``.
+
+    ``models`` maps names to ``transformers`` models or to paths of GGUF files (run in
+    llama.cpp, batch 1). Ratios are to the first model of the same runtime.
+    """
+    from grail.evaluate import llama_cpp
+
+    modules = [m for m in models.values() if not _is_gguf(m)]
+    device = modules[0].get_input_embeddings().weight.device if modules else torch.device("cpu")
+    vocab = min(_vocab_size(m) for m in models.values())
     generator = torch.Generator().manual_seed(seed)
     longest = max(setting.batch_sizes)
     tokens = torch.randint(0, vocab, (longest, max(setting.prefill, setting.prompt)), generator=generator).to(device)
     samples: dict[str, dict[str, list[float]]] = {name: {} for name in models}
-    for _ in range(setting.rounds):
-        for name, model in models.items():
-            for batch in setting.batch_sizes:
+    with ExitStack() as stack:
+        runners = {
+            name: stack.enter_context(
+                llama_cpp.llama_cpp_runner(m, n_ctx=max(setting.prefill, setting.prompt + setting.decode))
+            )
+            for name, m in models.items()
+            if _is_gguf(m)
+        }
+        for _ in range(setting.rounds):
+            for name, model in models.items():
                 runs = samples[name]
-                runs.setdefault(f"prefill_b{batch}", []).append(
-                    prefill_tokens_per_s(model, tokens[:batch, : setting.prefill])
-                )
-                runs.setdefault(f"decode_b{batch}", []).append(
-                    decode_tokens_per_s(model, tokens[:batch, : setting.prompt], setting.decode)
-                )
+                if name in runners:
+                    llm, ids = runners[name], tokens[0].cpu()
+                    runs.setdefault("prefill_b1", []).append(
+                        llama_cpp.prefill_tokens_per_s(llm, ids[: setting.prefill])
+                    )
+                    runs.setdefault("decode_b1", []).append(
+                        llama_cpp.decode_tokens_per_s(llm, ids[: setting.prompt], setting.decode)
+                    )
+                    continue
+                for batch in setting.batch_sizes:
+                    runs.setdefault(f"prefill_b{batch}", []).append(
+                        prefill_tokens_per_s(model, tokens[:batch, : setting.prefill])
+                    )
+                    runs.setdefault(f"decode_b{batch}", []).append(
+                        decode_tokens_per_s(model, tokens[:batch, : setting.prompt], setting.decode)
+                    )
     figures = {name: {key: statistics.median(values) for key, values in runs.items()} for name, runs in samples.items()}
-    base = dict(next(iter(figures.values())))
+    bases: dict[str, dict] = {}
     for name, model in models.items():
+        runtime = "llama.cpp" if _is_gguf(model) else "transformers"
         entry = figures[name]
+        base = bases.setdefault(runtime, dict(entry))
         entry.update({f"{key}_ratio": round(entry[key] / base[key], 3) for key in base})
-        entry["weights_mib"] = round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 1)
+        entry["runtime"] = runtime
+        entry["weights_mib"] = round(_weights_bytes(model) / 2**20, 1)
     return figures
+
+
+def _vocab_size(model) -> int:
+    if _is_gguf(model):
+        import gguf
+
+        reader = gguf.GGUFReader(model)
+        return len(reader.fields["tokenizer.ggml.tokens"].data)
+    return model.get_input_embeddings().weight.shape[0]
+
+
+def _weights_bytes(model) -> int:
+    if _is_gguf(model):
+        return Path(model).stat().st_size
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def format_speed(figures: dict) -> str:
     """A plain-text table: tokens/s and the ratio to the first model, per model and measurement."""
-    keys = [k for k in next(iter(figures.values())) if not k.endswith("_ratio") and k != "weights_mib"]
+    keys = []
+    for entry in figures.values():
+        keys += [k for k in entry if k.startswith(("prefill", "decode")) and not k.endswith("_ratio") and k not in keys]
     width = max(len(name) for name in figures) + 2
-    lines = [" " * width + "  weights MiB  " + "  ".join(f"{k:>18s}" for k in keys)]
+    lines = [" " * width + "  runtime       weights MiB  " + "  ".join(f"{k:>18s}" for k in keys)]
     for name, entry in figures.items():
-        cells = "  ".join(f"{entry[k]:9.1f} ({entry[k + '_ratio']:.2f}x)" for k in keys)
-        lines.append(f"{name:{width}s}  {entry['weights_mib']:11.1f}  {cells}")
+        cells = "  ".join(
+            f"{entry[k]:9.1f} ({entry[k + '_ratio']:.2f}x)" if k in entry else f"{'-':>18s}" for k in keys
+        )
+        lines.append(f"{name:{width}s}  {entry['runtime']:12s}  {entry['weights_mib']:11.1f}  {cells}")
     return "\n".join(lines)

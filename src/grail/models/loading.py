@@ -12,6 +12,7 @@ from torch import nn
 
 from grail.errors import GrailError
 from grail.models.arch import arch_for
+from grail.models.gguf_export import SOURCE_GGUF_ATTR
 from grail.models.modeling_grail import CLASSES, OUTPUT_BIAS_KEY
 from grail.models.saving import verify_checksums
 
@@ -117,6 +118,7 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torc
         model.config.quantization_config = None
         del model.config.quantization_config
         model.hf_quantizer = None
+        setattr(model, SOURCE_GGUF_ATTR, str(Path(location) / gguf))  # the GGUF export copies its vocabulary
     model = model.to(dtype=dtype) if placement else model.to(dtype=dtype, device=device)
     model.eval()
     model.requires_grad_(False)
