@@ -38,7 +38,13 @@ TINY_VARIANTS = [("llama", 4, 4), ("llama", 6, 2), ("mistral", 4, 2), ("qwen2", 
 
 
 def tiny_model(
-    family: str = "llama", heads: int = 4, kv_heads: int = 2, layers: int = 2, seed: int = 0, vocab_size: int = 96, **extra
+    family: str = "llama",
+    heads: int = 4,
+    kv_heads: int = 2,
+    layers: int = 2,
+    seed: int = 0,
+    vocab_size: int = 96,
+    **extra,
 ):
     """A small random model of the given family, in float32 evaluation mode."""
     config_cls, model_cls = _FAMILIES[family]
