@@ -198,3 +198,18 @@ def test_smollm2_flap_50_with_grail_runs_in_llama_cpp(data_dir, tmp_path):
     with torch.no_grad():
         reference = model(test_windows[:1]).logits[0].numpy()
     assert (logits.argmax(-1) == reference.argmax(-1)).mean() >= 0.99
+
+
+def test_main_command_writes_gguf_and_measures_speed(byte_tokenizer, data_dir, tmp_path):
+    dense = tiny_model("llama", 6, 2, layers=3, vocab_size=len(byte_tokenizer))
+    grail.save_pruned(dense, byte_tokenizer, tmp_path / "dense")
+    out, gguf_file = tmp_path / "run.json", tmp_path / "pruned.gguf"
+    args = ["--model", str(tmp_path / "dense"), "--prune_method", "flap", "--pruning_ratio", "0.3", "--compensate"]
+    args += ["--nsamples", "8", "--seqlen", "64", "--data_dir", str(data_dir), "--device", "cpu", "--quiet"]
+    args += ["--save_gguf", str(gguf_file), "--gguf_type", "f32", "--speed", "--output_json", str(out)]
+    assert main(args) == 0
+    results = json.loads(out.read_text())
+    assert set(results["speed"]["models"]) == {"dense", "pruned", "dense.gguf", "pruned.gguf"}
+    assert results["speed"]["models"]["dense.gguf"]["decode_b1_ratio"] == 1.0
+    assert results["timings"]["export_s"] > 0
+    assert gguf.GGUFReader(gguf_file).fields["general.architecture"].contents() == "deci"
