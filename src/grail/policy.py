@@ -16,6 +16,7 @@ when compensation waits for them (Wanda++'s regional optimisation).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 from torch import Tensor
@@ -103,6 +104,7 @@ class CompensationPolicy:
         """The consumer after pruning: compensated when the policy says so, else plain pruning."""
         if not self.compensate:
             return self.plain(weight, bias, kept_columns, selection, mean_bias, refit)
+        started = time.perf_counter()
         kept_columns = kept_columns.to(weight.device)
         notes: dict = {}
         lam = self.ridge_lambda
@@ -124,6 +126,7 @@ class CompensationPolicy:
             }
             if not choice.compensate:  # the guard: keep the uncompensated consumer
                 plain = self.plain(weight, bias, kept_columns, selection, mean_bias, refit)
+                notes["solve_s"] = round(time.perf_counter() - started, 4)
                 return ConsumerUpdate(plain.weight, plain.bias, notes)
             lam = choice.lam
         fit = fit_consumer(weight, gram_stats.moments(), kept_columns, lam, self.affine, where, self.prior)
@@ -134,5 +137,5 @@ class CompensationPolicy:
         shift = fit.bias_shift
         if self.fit == "seed" and mean_bias:  # the research code's convention: mean bias on top
             shift = add_bias(shift, mean_bias_shift(weight, selection.mean, kept_columns))
-        notes.update({"lambda": lam, "jitter": fit.jitter})
+        notes.update({"lambda": lam, "jitter": fit.jitter, "solve_s": round(time.perf_counter() - started, 4)})
         return ConsumerUpdate(fit.weight, add_bias(bias, shift), notes)
