@@ -26,34 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 
 import grail
 from grail.cli import add_config_options, config_from_args
+from grail.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 from grail.models.loading import model_bytes, torch_dtype
 from grail.timing import Timer
-
-
-def reset_peak_rss() -> None:
-    """Start a new high-water mark of resident memory (Linux: /proc/self/clear_refs)."""
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def _status_bytes(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {key} in /proc/self/status")
-
-
-def peak_rss_bytes() -> int:
-    return _status_bytes("VmHWM")
-
-
-def rss_bytes() -> int:
-    return _status_bytes("VmRSS")
 
 
 def synchronize(device: torch.device) -> None:

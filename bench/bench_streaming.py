@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from grail.cli import add_config_options, config_from_args
+from grail.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 
 
 def write_synthetic(
@@ -85,13 +86,6 @@ def write_synthetic(
     return total
 
 
-def _status(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(key)
-
-
 def child(args: argparse.Namespace) -> None:
     """Runs in a fresh process: prune the synthetic model in streaming mode, print figures as JSON."""
     from grail import distributed
@@ -105,13 +99,13 @@ def child(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     windows = torch.randint(0, args.vocab, (args.nsamples, args.seqlen))
     config = args.prune
-    baseline = _status("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark
+    baseline = rss_bytes()
+    reset_peak_rss()
     start = time.perf_counter()
     prune_streaming(args.out, args.result, windows, config, progress=False)
     seconds = time.perf_counter() - start
     if distributed.is_main():
-        print(json.dumps({"seconds": seconds, "baseline_rss": baseline, "peak_rss": _status("VmHWM")}))
+        print(json.dumps({"seconds": seconds, "baseline_rss": baseline, "peak_rss": peak_rss_bytes()}))
 
 
 def main() -> None:

@@ -173,6 +173,8 @@ def test_export_command_and_speed_of_gguf_files(byte_tokenizer, tmp_path):
     assert figures[str(tmp_path / "dense")]["runtime"] == "transformers"
     assert figures[str(tmp_path / "dense")]["prefill_b1_ratio"] == 1.0  # first model of its runtime
     assert figures[str(tmp_path / "ckpt.gguf")]["prefill_b1"] > 0
+    for entry in figures.values():
+        assert entry["peak_mib"] >= entry["weights_mib"] > 0
 
 
 @pytest.mark.usefixtures("smollm2_available")

@@ -347,7 +347,7 @@ def _bad_values(f):
 # checked when the run starts, before any work; see tests/bad_inputs.json).
 UNCONSTRAINED = {
     "model", "data_dir", "device", "save_model", "output_json", "offload_activations", "seed", "compensate",
-    "bias_compensation", "eval", "zero_shot", "offload", "compensate_first", "ridge_lambda",
+    "bias_compensation", "eval", "zero_shot", "offload", "compensate_first", "ridge_lambda", "save_gguf", "speed",
 }  # fmt: skip
 
 

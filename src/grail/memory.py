@@ -1,0 +1,38 @@
+"""Resident memory of this process (Linux ``/proc``): current, peak, and a fresh peak on demand.
+
+The benchmarks and ``grail speed`` measure how much memory a piece of work needs as the
+growth of the process's high-water mark while it runs (``reset_peak_rss`` starts a new
+one). Where ``/proc`` is not available the functions return None.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _status_bytes(key: str) -> int | None:
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Start a new high-water mark of resident memory; False where the system cannot."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_bytes() -> int | None:
+    return _status_bytes("VmHWM")
+
+
+def rss_bytes() -> int | None:
+    return _status_bytes("VmRSS")
