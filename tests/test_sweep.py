@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import pytest
+
 import grail.pipeline
 import grail.sweep
 from grail.cli import main
@@ -103,3 +105,10 @@ def test_an_interrupted_sweep_exits_with_one_line_and_resumes(tiny_checkpoint, d
     monkeypatch.setattr(grail.pipeline, "prune_model", real)
     assert main(_args(tiny_checkpoint, data_dir, out)) == 0
     assert len(json.loads((out / "sweep.json").read_text())["results"]) == 8
+
+
+@pytest.mark.parametrize("flag", [["--save_model", "x"], ["--save_gguf", "x.gguf"], ["--speed"]])
+def test_sweep_refuses_per_model_outputs(flag, tmp_path, capsys):
+    assert main(["sweep", "--out", str(tmp_path / "s"), *flag]) == 2
+    assert f"grail sweep does not take {flag[0]}" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

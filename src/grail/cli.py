@@ -119,6 +119,12 @@ def sweep_main(argv: list[str]) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from grail.sweep import grid, sweep
 
+    for flag, given in (("--save_model", args.save_model), ("--save_gguf", args.save_gguf), ("--speed", args.speed)):
+        if given:
+            raise GrailError(
+                f"grail sweep does not take {flag} (it would apply to every run); run the main command with {flag} "
+                "for the setting you want to keep."
+            )
     variants = {v.strip() for v in args.variants.split(",")}
     if not variants or not variants <= {"plain", "grail"}:
         raise GrailError(f"--variants takes plain and/or grail, got {args.variants!r}.")
