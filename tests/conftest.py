@@ -118,6 +118,17 @@ def tiny_tokenizer(vocab: int = 96):
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
 
 
+def byte_level_tokenizer(vocab: int = 300):
+    """A byte-level BPE tokenizer (the kind LLaMA 3, Qwen2 and SmolLM2 use) of about ``vocab`` tokens,
+    trained on the same paragraph: GGUF describes this kind of vocabulary."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([_SAMPLE_TEXT] * 4, vocab_size=vocab, min_frequency=1, special_tokens=["<s>", "</s>"])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>")
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir(smollm2_available, tmp_path_factory) -> Path:
     """SmolLM2-135M dequantised once per session into a safetensors folder (loads in a second)."""

@@ -217,6 +217,9 @@ def test_auto_lambda_summary_line():
         progress=False,
     )
     assert fixed.auto_lambda_summary() is None
+    # every compensated consumer reports its solve time, with auto's cross-validation and at a fixed lambda
+    for blocks in (report.blocks, fixed.blocks):
+        assert blocks and all(b["solve_s"] > 0 for b in blocks)
 
 
 def test_aligned_removal_by_hand():

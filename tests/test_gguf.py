@@ -13,7 +13,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import random_windows, tiny_model
+from conftest import byte_level_tokenizer, random_windows, tiny_model
 
 import grail
 from grail.cli import main
@@ -25,14 +25,7 @@ pytest.importorskip("llama_cpp", reason="llama-cpp-python is in the test extra")
 
 @pytest.fixture(scope="module")
 def byte_tokenizer():
-    """A byte-level BPE tokenizer (the kind LLaMA 3, Qwen2 and SmolLM2 use), about 300 tokens."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = ByteLevelBPETokenizer()
-    text = ["the quick brown fox jumps over the lazy dog; pruned models run in llama.cpp"] * 8
-    bpe.train_from_iterator(text, vocab_size=300, min_frequency=1, special_tokens=["<s>", "</s>"])
-    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>")
+    return byte_level_tokenizer()
 
 
 def _pruned(family, heads, kv_heads, method, tokenizer, bias=True, ratio=0.4):
@@ -215,3 +208,13 @@ def test_main_command_writes_gguf_and_measures_speed(byte_tokenizer, data_dir, t
     assert results["speed"]["models"]["dense.gguf"]["decode_b1_ratio"] == 1.0
     assert results["timings"]["export_s"] > 0
     assert gguf.GGUFReader(gguf_file).fields["general.architecture"].contents() == "deci"
+
+
+def test_peak_memory_counts_what_a_run_allocates():
+    from grail.evaluate.speed import _peak_growth, _start_peak
+
+    start = _start_peak(None)
+    block = torch.ones(50_000_000)  # 200 MB touched
+    growth = _peak_growth(None, start)
+    del block
+    assert growth is not None and growth >= 190e6

@@ -34,18 +34,22 @@ def require_llama_cpp():
 
 
 @contextlib.contextmanager
-def llama_cpp_model(path: str | os.PathLike, n_ctx: int, threads: int | None = None) -> Iterator:
-    """A ``llama_cpp.Llama`` over ``path`` with logits for every position, closed on exit."""
+def llama_cpp_model(path: str | os.PathLike, n_ctx: int, serving: bool = False) -> Iterator:
+    """A ``llama_cpp.Llama`` over ``path``, closed on exit.
+
+    By default it keeps logits for every position and a float32 cache (to compare with the
+    in-memory model); ``serving=True`` sets it up as for deployment instead: logits of the
+    last position only and llama.cpp's default cache.
+    """
     llama_cpp = require_llama_cpp()
+    exact = {} if serving else {"logits_all": True, "type_k": F32_CACHE, "type_v": F32_CACHE}
     llm = llama_cpp.Llama(
         str(path),
         n_ctx=n_ctx,
         n_batch=min(n_ctx, 512),
-        logits_all=True,
-        type_k=F32_CACHE,
-        type_v=F32_CACHE,
-        n_threads=threads or torch.get_num_threads(),
+        n_threads=torch.get_num_threads(),
         verbose=False,
+        **exact,
     )
     try:
         yield llm
@@ -69,19 +73,6 @@ def llama_cpp_perplexity(path: str | os.PathLike, windows: Tensor) -> float:
             nll += float(torch.nn.functional.cross_entropy(logits[:-1], ids[1:], reduction="sum"))
             count += len(ids) - 1
     return math.exp(nll / count)
-
-
-@contextlib.contextmanager
-def llama_cpp_runner(path: str | os.PathLike, n_ctx: int, threads: int | None = None) -> Iterator:
-    """A ``llama_cpp.Llama`` set up as for serving (logits of the last position only), closed on exit."""
-    llama_cpp = require_llama_cpp()
-    llm = llama_cpp.Llama(
-        str(path), n_ctx=n_ctx, n_batch=512, n_threads=threads or torch.get_num_threads(), verbose=False
-    )
-    try:
-        yield llm
-    finally:
-        llm.close()
 
 
 def prefill_tokens_per_s(llm, ids: Tensor) -> float:

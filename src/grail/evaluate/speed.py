@@ -89,7 +89,7 @@ def measure_speed(models: dict, setting: SpeedSetting = SpeedSetting(), seed: in
     n_ctx = max(setting.prefill, setting.prompt + setting.decode)
     with ExitStack() as stack:
         runners = {
-            name: stack.enter_context(llama_cpp.llama_cpp_runner(m, n_ctx=n_ctx))
+            name: stack.enter_context(llama_cpp.llama_cpp_model(m, n_ctx=n_ctx, serving=True))
             for name, m in models.items()
             if _is_gguf(m)
         }

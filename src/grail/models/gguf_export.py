@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from grail.config import GGUF_TYPES
 from grail.errors import GrailError
 from grail.models.arch import arch_for, layer_shape
+from grail.models.saving import SaveError, check_output_file, follow_umask
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +280,6 @@ FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_
 
 def check_gguf_target(path: str | os.PathLike, flag: str = "--gguf") -> Path:
     """Fail before any work unless ``path`` is a new, writable ``.gguf`` file path."""
-    from grail.models.saving import SaveError, check_output_file
 
     target = Path(path).expanduser()
     if target.suffix != ".gguf":
@@ -336,9 +336,7 @@ def save_gguf(
     except BaseException:  # interrupted runs included: nothing half-written stays behind
         tmp.unlink(missing_ok=True)
         raise
-    umask = os.umask(0)
-    os.umask(umask)
-    target.chmod(0o666 & ~umask)
+    follow_umask(target)
     log.info("wrote %s (llama.cpp architecture %s, %s)", target, plan.arch, gguf_type)
     return target
 

@@ -242,14 +242,16 @@ def write_atomically(out_dir: str | os.PathLike, write) -> Path:
     except BaseException:  # interrupted runs (Ctrl-C, SIGTERM) included: nothing is left beside out_dir
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _follow_umask(out)
+    follow_umask(out)
     return out
 
 
-def _follow_umask(folder: Path) -> None:
-    """mkdtemp and the safetensors writer make private files; a checkpoint follows the umask like any other."""
+def follow_umask(target: Path) -> None:
+    """mkstemp, mkdtemp and the safetensors writer make private files; outputs follow the umask like any other.
+
+    ``target`` is a file, or a folder whose whole tree is set.
+    """
     umask = os.umask(0)
     os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.rglob("*"):
+    for path in (target, *(target.rglob("*") if target.is_dir() else ())):
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
