@@ -3,13 +3,17 @@ checked against hand-computed cases and slow, obviously correct references."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
 from grail.compensate import (
+    LAMBDA_GRID,
     ConsumerFit,
     choose_lambda,
     fit_consumer,
+    grid_descent,
     mean_bias_shift,
     output_error,
     solve_spd,
@@ -326,6 +330,81 @@ def test_sketched_cross_validation_estimates_the_exact_errors():
         choose_lambda(w[i : i + 100], folds, kept, "affine", mean_bias=False).errors[1e-3] for i in range(0, 600, 100)
     )
     assert sketched.errors[1e-3] == pytest.approx(exact, rel=0.3)
+
+
+def _one_valley(values: list[float]) -> bool:
+    """Falls to its (first) minimum, then rises or stays: one valley, equal values counting as rising."""
+    low = values.index(min(values))
+    steps = list(itertools.pairwise(values))
+    return all(a > b for a, b in steps[:low]) and all(a <= b for a, b in steps[low:])
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_grid_descent_finds_the_minimum_of_one_valley_from_every_start(seed):
+    g = torch.Generator().manual_seed(seed)
+    grid = LAMBDA_GRID
+    bottom = int(torch.randint(len(grid), (1,), generator=g))
+    steps = torch.rand(len(grid), generator=g).tolist()
+    values = [sum(steps[i:bottom]) if i < bottom else sum(steps[bottom + 1 : i + 1]) for i in range(len(grid))]
+    assert _one_valley(values)
+    for start in grid:
+        calls: list[float] = []
+
+        def score(lam: float, calls: list[float] = calls) -> float:
+            calls.append(lam)
+            return values[grid.index(lam)]
+
+        scored = grid_descent(score, grid, start)
+        assert min(scored, key=scored.get) == grid[bottom]
+        assert len(calls) == len(set(calls)) == len(scored)  # each candidate scored once
+        assert len(scored) <= 3 + abs(grid.index(start) - bottom)
+        assert list(scored) == sorted(scored)
+
+
+def test_grid_descent_hand_cases():
+    grid = (0.0, 1e-3, 1e-2, 1e-1, 1.0)
+    descend = lambda values, start: grid_descent(dict(zip(grid, values, strict=True)).__getitem__, grid, start)  # noqa: E731
+    # two valleys: the descent stays in the one it starts in
+    assert descend([1, 5, 9, 4, 6], 1e-1) == {1e-2: 9, 1e-1: 4, 1.0: 6}
+    assert min(descend([1, 5, 9, 4, 6], 1e-3).items(), key=lambda kv: kv[1]) == (0.0, 1)
+    # ties go to the smaller lambda, as with the full grid
+    scored = descend([3, 2, 2, 2, 5], 1e-1)
+    assert min(scored, key=scored.get) == 1e-3
+    # a start off the grid begins at the nearest point on the log scale; 0 lies below the smallest value
+    assert set(descend([5, 4, 3, 2, 1], 0.3)) == {1e-2, 1e-1, 1.0}
+    assert set(descend([1, 2, 3, 4, 5], 0.0)) == {0.0, 1e-3}
+
+
+def _ill_conditioned(n, h, seed):
+    x = _data(n=n, h=h, seed=seed)
+    return x * torch.logspace(0, -6, h)  # feature scales over six decades
+
+
+def _singular(n, h, seed):
+    x = _data(n=n, h=h, seed=seed)
+    x[:, 1] = 2 * x[:, 0] - x[:, 2]  # a kept unit is a combination of two others
+    return x
+
+
+@pytest.mark.parametrize("make", [_data, _ill_conditioned, _singular])
+@pytest.mark.parametrize("prior", ["zero", "pruned"])
+@pytest.mark.parametrize("fit_name", ["linear", "affine"])
+def test_local_search_scores_like_the_full_search_and_chooses_alike(make, prior, fit_name):
+    kept = torch.tensor([0, 1, 2, 3, 5, 8])
+    for seed in range(4):
+        x = make(n=48, h=10, seed=seed)  # few tokens per fold: the penalty matters
+        w = torch.randn(7, 10, generator=torch.Generator().manual_seed(100 + seed))
+        folds = _fold_stats(x, 4).fold_moments()
+        full = choose_lambda(w, folds, kept, fit_name, mean_bias=False, prior=prior, search="full")
+        values = [full.errors[lam] for lam in LAMBDA_GRID]
+        for start in (None, 0.0, 1e-3, 100.0):
+            local = choose_lambda(w, folds, kept, fit_name, mean_bias=False, prior=prior, search="local", start=start)
+            for lam, err in local.errors.items():
+                assert err == pytest.approx(full.errors[lam], rel=1e-8)
+            assert local.plain_error == pytest.approx(full.plain_error, rel=1e-8)
+            if _one_valley(values):
+                assert local.lam == full.lam
+                assert local.compensate == full.compensate
 
 
 def _bad_values(f):

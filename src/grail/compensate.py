@@ -29,11 +29,14 @@ Every function here is pure tensor code in float64 and knows nothing about model
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from grail.config import LAMBDA_SEARCHES
 from grail.errors import GrailError
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,9 @@ log = logging.getLogger(__name__)
 LAMBDA_GRID = (0.0, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 # Cross-validation scores consumers wider than this on a random sketch of their output rows.
 SKETCH_ROWS = 128
+# Where the local search of the grid starts when no earlier consumer's choice is at hand: the
+# most frequent choices on SmolLM2 lie between 0.01 and 1.
+LAMBDA_START = 0.1
 
 
 class SingularSystemError(GrailError, RuntimeError):
@@ -232,6 +238,8 @@ def choose_lambda(
     grid: tuple[float, ...] = LAMBDA_GRID,
     where: str = "",
     prior: str = "zero",
+    search: str = "local",
+    start: float | None = None,
 ) -> LambdaChoice:
     """K-fold cross-validation of the ridge penalty from per-fold moments, with solves only.
 
@@ -247,7 +255,15 @@ def choose_lambda(
     :data:`SKETCH_ROWS` outputs is scored on ``S W`` with a seeded Gaussian ``S``
     (``E[S^T S] = I``): the errors are then unbiased estimates (the same sketch for every
     candidate and for the uncompensated consumer), at a fraction of the cost.
+
+    ``search="full"`` scores every candidate of ``grid``; ``"local"`` descends the grid from
+    ``start`` (an earlier consumer's choice, else :data:`LAMBDA_START`) to the nearest local
+    minimum of the held-out error (:func:`grid_descent`), scoring 3-5 candidates instead of 9.
+    The scores it computes are the same numbers; its choice equals the full search's whenever
+    the held-out error has one valley along the grid. ``errors`` holds the scored candidates.
     """
+    if search not in LAMBDA_SEARCHES:
+        raise ValueError(f"search must be one of {LAMBDA_SEARCHES}, got {search!r}")
     w = weight.to(torch.float64)
     if w.shape[0] > SKETCH_ROWS:
         generator = torch.Generator().manual_seed(0)
@@ -257,14 +273,15 @@ def choose_lambda(
     stats = []
     for fold in folds:
         gram, sums = fold.gram.to(w), fold.sums.to(w)
+        w_gram = w @ gram  # both products below are read off it
         stats.append(
             {
-                "gram_pp": gram[kept][:, kept],
+                "gram_pp": gram[kept.unsqueeze(1), kept],
                 "sums_p": sums[kept],
                 "count": fold.count,
-                "wg": w @ gram[:, kept],
+                "wg": w_gram[:, kept],
                 "ws": w @ sums,
-                "wgw": float((w @ gram * w).sum()),
+                "wgw": float((w_gram * w).sum()),
             }
         )
     keys = ("gram_pp", "sums_p", "count", "wg", "ws")
@@ -305,6 +322,43 @@ def choose_lambda(
                 err += -2 * float(d @ (f["ws"] - new_w @ f["sums_p"])) + f["count"] * float(d.square().sum())
         return err
 
-    errors = {lam: heldout_error(lam) for lam in grid}
+    if search == "full":
+        errors = {lam: heldout_error(lam) for lam in grid}
+    else:
+        errors = grid_descent(heldout_error, grid, LAMBDA_START if start is None else start)
     best = min(errors, key=errors.get)
     return LambdaChoice(best, errors[best], heldout_error(None), errors)
+
+
+def grid_descent(score: Callable[[float], float], grid: Sequence[float], start: float) -> dict[float, float]:
+    """The scores of the grid points a descent from ``start`` visits, in grid order.
+
+    From the grid point nearest ``start`` (on a log scale) it moves to the lower of the two
+    neighbours while one is lower, and stops at a point lower than both. Ties count as lower
+    on the side of the smaller grid value, as ``min`` over the full grid breaks them. When
+    the scores along the grid fall and then rise (one valley; equal scores count as rising),
+    that point is the grid's minimum, found with ``3 + distance`` scores instead of
+    ``len(grid)``; where they have several valleys it is the bottom of the valley ``start``
+    lies in.
+    """
+    nearest = min(range(len(grid)), key=lambda i: abs(_log(grid[i]) - _log(start)))
+    scores: dict[int, float] = {}
+
+    def at(i: int) -> float:
+        if i not in scores:
+            scores[i] = score(grid[i])
+        return scores[i]
+
+    here = nearest
+    while True:
+        around = [i for i in (here - 1, here, here + 1) if 0 <= i < len(grid)]
+        lowest = min(around, key=lambda i: (at(i), i))
+        if lowest == here:
+            break
+        here = lowest
+    return {grid[i]: scores[i] for i in sorted(scores)}
+
+
+def _log(value: float) -> float:
+    """Position on the lambda grid's log scale (0 sits one decade below the smallest positive value)."""
+    return math.log10(value) if value > 0 else math.log10(min(v for v in LAMBDA_GRID if v > 0)) - 1

@@ -24,6 +24,7 @@ DATASETS = ("wikitext2", "ptb", "c4")
 DTYPES = ("float32", "bfloat16", "float16")
 FITS = ("affine", "linear", "seed")
 PRIORS = ("zero", "pruned")  # what the ridge penalty pulls the reconstruction towards
+LAMBDA_SEARCHES = ("local", "full")  # how --ridge_lambda auto walks its grid
 ATTENTION_UNITS = ("group", "query")
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # weight formats of --save_gguf
 DATA_DIR_ENV = "GRAIL_DATA_DIR"
@@ -157,6 +158,13 @@ class PruneConfig:
         parse=ridge_lambda_value,
     )
     cv_folds: int = option(4, "folds of calibration windows for --ridge_lambda auto", group="compensation", minimum=2)
+    lambda_search: str = option(
+        "local",
+        "how --ridge_lambda auto searches its grid of penalties: local (descend from the previous layer's choice to "
+        "the nearest minimum of the held-out error, 3-5 candidates) or full (all 9)",
+        group="compensation",
+        choices=LAMBDA_SEARCHES,
+    )
     ridge_prior: str | None = option(
         None,
         "what the ridge penalty pulls the reconstruction towards: zero (the research code's ridge) or plain pruning "

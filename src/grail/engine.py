@@ -330,6 +330,13 @@ class _LayerStep:
     def _where(self, block: Block) -> str:
         return f"layer {block.layer_index} {self.arch.consumer_names()[block.kind]}"
 
+    def _previous_lambda(self, kind: str) -> float | None:
+        """The lambda chosen for this kind of block in the nearest earlier layer, if any."""
+        for row in reversed(self.report.blocks):
+            if row["block"] == kind and "lambda" in row:
+                return row["lambda"]
+        return None
+
     def _mean_bias(self) -> bool:
         return self.policy.bias_compensation and self.method.selector.mean_bias
 
@@ -369,7 +376,15 @@ class _LayerStep:
                 update = policy.plain(consumer.weight.data, bias, kept_columns, selection, mean_bias, decision.refit)
             else:
                 update = policy.update(
-                    consumer.weight.data, bias, kept_columns, selection, gram_stats, mean_bias, where, decision.refit
+                    consumer.weight.data,
+                    bias,
+                    kept_columns,
+                    selection,
+                    gram_stats,
+                    mean_bias,
+                    where,
+                    decision.refit,
+                    self._previous_lambda(block.kind),
                 )
         with timer.section("pruning"):
             if block.kind == "attn":
@@ -403,6 +418,7 @@ class _LayerStep:
                 item.gram_stats,
                 self._mean_bias(),
                 self._where(item.block),
+                start_lambda=self._previous_lambda(item.block.kind),
             )
         set_consumer(consumer, update.weight, update.bias)
         item.row.update(update.notes)

@@ -47,6 +47,7 @@ class CompensationPolicy:
     fit: str = "affine"
     bias_compensation: bool = True
     cv_folds: int = 4
+    lambda_search: str = "local"
 
     @classmethod
     def from_config(cls, config: PruneConfig) -> CompensationPolicy:
@@ -57,6 +58,7 @@ class CompensationPolicy:
             config.grail_fit,
             config.bias_compensation,
             config.cv_folds,
+            config.lambda_search,
         )
 
     @property
@@ -100,8 +102,13 @@ class CompensationPolicy:
         mean_bias: bool,
         where: str,
         refit: Moments | None = None,
+        start_lambda: float | None = None,
     ) -> ConsumerUpdate:
-        """The consumer after pruning: compensated when the policy says so, else plain pruning."""
+        """The consumer after pruning: compensated when the policy says so, else plain pruning.
+
+        ``start_lambda`` is where the local search of ``--ridge_lambda auto`` starts (the same
+        consumer's choice in the previous layer: neighbouring layers choose alike).
+        """
         if not self.compensate:
             return self.plain(weight, bias, kept_columns, selection, mean_bias, refit)
         started = time.perf_counter()
@@ -117,12 +124,15 @@ class CompensationPolicy:
                 mean_bias,
                 where=where,
                 prior=self.prior,
+                search=self.lambda_search,
+                start=start_lambda,
             )
             notes = {
                 "lambda": choice.lam,
                 "heldout_error": choice.heldout_error,
                 "plain_heldout_error": choice.plain_error,
                 "compensated": choice.compensate,
+                "heldout_errors": {f"{lam:g}": err for lam, err in choice.errors.items()},
             }
             if not choice.compensate:  # the guard: keep the uncompensated consumer
                 plain = self.plain(weight, bias, kept_columns, selection, mean_bias, refit)

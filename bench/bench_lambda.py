@@ -1,0 +1,189 @@
+"""What ``--ridge_lambda auto`` costs against a fixed lambda, and what its local search changes.
+
+Two parts, each reporting ratios measured in one process:
+
+* ``model``: prunes the same model with the same calibration windows at a fixed lambda, with
+  ``auto`` and the local search (the default) and with ``auto`` and the full search, for every
+  method, ratio and calibration size given. Reports the pruning time of each (calibration, solves,
+  surgery) over the fixed-lambda run's, the compensation time alone, the perplexity, and how
+  often the local search chose what the full search chose: per consumer of the full run, by
+  replaying the descent on that run's held-out errors (same statistics, so only the search
+  differs), and per consumer of the two runs (whose statistics drift apart after a first
+  different choice).
+* ``layer``: one consumer of a synthetic decoder layer timed alone (random weights, correlated
+  random activations, 4 folds): the whole cross-validation with the full and the local search.
+
+    python bench/bench_lambda.py model --data_dir ../shared/data --methods flap,wanda_sp --ratios 0.3,0.5 \\
+        --calibration 16x256,128x256 --out results/lambda_cost/model.json
+    python bench/bench_lambda.py layer --shapes 896x4864,4096x11008 --out results/lambda_cost/layer.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import grail
+from grail.compensate import LAMBDA_START, choose_lambda, grid_descent
+from grail.stats import InputStats
+from grail.timing import Timer
+
+
+def replayed_agreement(blocks: list[dict]) -> tuple[int, int]:
+    """(consumers where the descent picks the full search's choice, consumers) from a full run's errors."""
+    same = total = 0
+    previous: dict[str, float] = {}
+    for row in blocks:
+        if "heldout_errors" not in row:
+            continue
+        errors = {float(k): v for k, v in row["heldout_errors"].items()}
+        grid = sorted(errors)
+        start = previous.get(row["block"], LAMBDA_START)
+        local = grid_descent(errors.__getitem__, grid, start)
+        same += min(local, key=local.get) == row["lambda"]
+        total += 1
+        previous[row["block"]] = row["lambda"]
+    return same, total
+
+
+def model_part(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    dense, tokenizer = grail.load_model(args.model, dtype=torch.float32, device="cpu")
+    cells = []
+    for calibration in args.calibration.split(","):
+        nsamples, seqlen = (int(v) for v in calibration.split("x"))
+        windows, _ = grail.calibration_data(tokenizer, "wikitext2", nsamples, seqlen, data_dir=args.data_dir)
+        for method in args.methods.split(","):
+            for ratio in (float(r) for r in args.ratios.split(",")):
+                variants = {
+                    "fixed": {"ridge_lambda": args.fixed_lambda},
+                    "auto local": {"ridge_lambda": "auto", "lambda_search": "local"},
+                    "auto full": {"ridge_lambda": "auto", "lambda_search": "full"},
+                }
+                runs = {}
+                for name, options in variants.items():
+                    config = grail.PruneConfig(
+                        prune_method=method,
+                        pruning_ratio=ratio,
+                        nsamples=nsamples,
+                        compensate=True,
+                        calib_batch_size=args.calib_batch_size,
+                        **options,
+                    )
+                    model, timer = copy.deepcopy(dense), Timer()
+                    started = time.perf_counter()
+                    report = grail.prune_model(model, windows, config, timer=timer, progress=False)
+                    elapsed = time.perf_counter() - started
+                    ppl = grail.evaluate_perplexity(
+                        model,
+                        tokenizer,
+                        "wikitext2",
+                        args.eval_seqlen,
+                        args.data_dir,
+                        args.eval_samples,
+                        progress=False,
+                    )["ppl"]
+                    runs[name] = {"prune_s": elapsed, "timings": timer.as_dict(), "ppl": ppl, "blocks": report.blocks}
+                    del model
+                fixed = runs["fixed"]["prune_s"]
+                same, total = replayed_agreement(runs["auto full"]["blocks"])
+                paired = [
+                    a["lambda"] == b["lambda"]
+                    for a, b in zip(runs["auto local"]["blocks"], runs["auto full"]["blocks"], strict=True)
+                ]
+                evaluated = [len(b["heldout_errors"]) for b in runs["auto local"]["blocks"]]
+                cell = {
+                    "calibration": calibration,
+                    "method": method,
+                    "ratio": ratio,
+                    "ppl": {name: round(r["ppl"], 3) for name, r in runs.items()},
+                    "prune_s": {name: round(r["prune_s"], 2) for name, r in runs.items()},
+                    "compensation_s": {
+                        name: round(r["timings"].get("compensation", 0.0), 2) for name, r in runs.items()
+                    },
+                    "time_over_fixed": {name: round(r["prune_s"] / fixed, 3) for name, r in runs.items()},
+                    "local_over_full_ppl": round(runs["auto local"]["ppl"] / runs["auto full"]["ppl"] - 1, 5),
+                    "replayed_same_choice": f"{same}/{total}",
+                    "run_same_choice": f"{sum(paired)}/{len(paired)}",
+                    "local_candidates_mean": round(sum(evaluated) / len(evaluated), 2),
+                }
+                print(json.dumps(cell), flush=True)
+                cells.append(cell | {"full_blocks": runs["auto full"]["blocks"]})
+    return {"cells": cells}
+
+
+def synthetic_moments(dim: int, tokens: int, folds: int, seed: int) -> InputStats:
+    """Fold statistics of ``tokens`` activations with a decaying spectrum and shared structure (float32 products)."""
+    g = torch.Generator().manual_seed(seed)
+    rank = min(dim, tokens) // 2
+    mixing = torch.randn(rank, dim, generator=g) * torch.logspace(0, -2, rank).unsqueeze(1)
+    stats = InputStats(dim, gram=True, n_folds=folds)
+    per_fold = tokens // folds
+    for f in range(folds):
+        for start in range(0, per_fold, 1024):
+            n = min(1024, per_fold - start)
+            x = torch.randn(n, rank, generator=g) @ mixing + 0.05 * torch.randn(n, dim, generator=g)
+            stats.update(x, fold=f)
+    return stats
+
+
+def layer_part(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    results = []
+    for shape in args.shapes.split(","):
+        hidden, width = (int(v) for v in shape.split("x"))
+        stats = synthetic_moments(width, args.tokens, 4, seed=0)
+        weight = torch.randn(hidden, width, generator=torch.Generator().manual_seed(1)) / width**0.5
+        kept = torch.randperm(width, generator=torch.Generator().manual_seed(2))[: round(width * (1 - args.ratio))]
+        kept = kept.sort().values
+        folds = stats.fold_moments()
+        row = {"hidden": hidden, "mlp": width, "kept": len(kept), "tokens": args.tokens}
+        choices = {}
+        for search in ("full", "local"):
+            started = time.perf_counter()
+            choice = choose_lambda(weight, folds, kept, "affine", False, prior="pruned", search=search)
+            row[f"{search}_s"] = round(time.perf_counter() - started, 2)
+            row[f"{search}_candidates"] = len(choice.errors)
+            choices[search] = choice
+        row["speedup"] = round(row["full_s"] / row["local_s"], 2)
+        row["same_choice"] = choices["full"].lam == choices["local"].lam
+        row["lambda"] = choices["full"].lam
+        print(json.dumps(row), flush=True)
+        results.append(row)
+    return {"layers": results}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="part", required=True)
+    m = sub.add_parser("model", help="auto against a fixed lambda on a model")
+    m.add_argument("--model", default="smollm2-135m")
+    m.add_argument("--data_dir", default=None)
+    m.add_argument("--methods", default="flap,wanda_sp")
+    m.add_argument("--ratios", default="0.3,0.5")
+    m.add_argument("--calibration", default="16x256", help="comma-separated NSAMPLESxSEQLEN")
+    m.add_argument("--fixed_lambda", type=float, default=0.001)
+    m.add_argument("--calib_batch_size", type=int, default=8)
+    m.add_argument("--eval_seqlen", type=int, default=256)
+    m.add_argument("--eval_samples", type=int, default=32)
+    l = sub.add_parser("layer", help="one synthetic consumer's cross-validation timed alone")  # noqa: E741
+    l.add_argument("--shapes", default="896x4864", help="comma-separated HIDDENxMLP")
+    l.add_argument("--tokens", type=int, default=4096)
+    l.add_argument("--ratio", type=float, default=0.2)
+    for sp in (m, l):
+        sp.add_argument("--threads", type=int, default=2)
+        sp.add_argument("--out", default=None)
+    args = p.parse_args()
+    summary = {"setting": vars(args)} | (model_part(args) if args.part == "model" else layer_part(args))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
