@@ -11,7 +11,9 @@ Two parts, each reporting ratios measured in one process:
   differs), and per consumer of the two runs (whose statistics drift apart after a first
   different choice).
 * ``layer``: one consumer of a synthetic decoder layer timed alone (random weights, correlated
-  random activations, 4 folds): the whole cross-validation with the full and the local search.
+  random activations, 4 folds): the whole cross-validation with the full search and with the
+  local search started cold (at 0.1, as in a first layer) and warm (at the full search's
+  choice, as when the previous layer chose the same).
 
     python bench/bench_lambda.py model --data_dir ../shared/data --methods flap,wanda_sp --ratios 0.3,0.5 \\
         --calibration 16x256,128x256 --out results/lambda_cost/model.json
@@ -30,6 +32,7 @@ import torch
 
 import grail
 from grail.compensate import LAMBDA_START, choose_lambda, grid_descent
+from grail.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 from grail.stats import InputStats
 from grail.timing import Timer
 
@@ -144,14 +147,21 @@ def layer_part(args: argparse.Namespace) -> dict:
         folds = stats.fold_moments()
         row = {"hidden": hidden, "mlp": width, "kept": len(kept), "tokens": args.tokens}
         choices = {}
-        for search in ("full", "local"):
+        # cold: the first layer's start; warm: the previous layer chose what this one chooses
+        for variant, search in (("full", "full"), ("local cold", "local"), ("local warm", "local")):
+            start = choices["full"].lam if variant == "local warm" else None
+            before = rss_bytes()
+            reset_peak_rss()
             started = time.perf_counter()
-            choice = choose_lambda(weight, folds, kept, "affine", False, prior="pruned", search=search)
-            row[f"{search}_s"] = round(time.perf_counter() - started, 2)
-            row[f"{search}_candidates"] = len(choice.errors)
-            choices[search] = choice
-        row["speedup"] = round(row["full_s"] / row["local_s"], 2)
-        row["same_choice"] = choices["full"].lam == choices["local"].lam
+            choice = choose_lambda(weight, folds, kept, "affine", False, prior="pruned", search=search, start=start)
+            row[f"{variant} s"] = round(time.perf_counter() - started, 2)
+            # the rise of resident memory, in units of one kept-units Gram matrix (K x K float64)
+            row[f"{variant} extra memory / K^2"] = round((peak_rss_bytes() - before) / (8 * len(kept) ** 2), 2)
+            row[f"{variant} candidates"] = len(choice.errors)
+            row[f"{variant} same choice"] = choice.lam == choices["full"].lam if choices else True
+            choices[variant] = choice
+        for variant in ("local cold", "local warm"):
+            row[f"{variant} speedup"] = round(row["full s"] / row[f"{variant} s"], 2)
         row["lambda"] = choices["full"].lam
         print(json.dumps(row), flush=True)
         results.append(row)

@@ -263,7 +263,8 @@ def test_heldout_errors_from_grams_equal_direct_computation(fit_name, prior):
     kept = torch.tensor([0, 2, 3, 5, 8])
     removed = torch.tensor([1, 4, 6, 7])
     chunks = x.chunk(4)
-    choice = choose_lambda(w, _fold_stats(x, 4).fold_moments(), kept, fit_name, mean_bias=True, prior=prior)
+    folds = _fold_stats(x, 4).fold_moments()
+    choice = choose_lambda(w, folds, kept, fit_name, mean_bias=True, prior=prior, search="full")
     for lam in (0.0, 1e-3, 1.0, None):
         direct = 0.0
         for f in range(4):
@@ -325,9 +326,10 @@ def test_sketched_cross_validation_estimates_the_exact_errors():
     w = torch.randn(600, 12, generator=torch.Generator().manual_seed(18))  # wider than SKETCH_ROWS
     kept = torch.tensor([0, 1, 2, 4, 6, 7, 9, 11])
     folds = _fold_stats(x, 4).fold_moments()
-    sketched = choose_lambda(w, folds, kept, "affine", mean_bias=False)
+    sketched = choose_lambda(w, folds, kept, "affine", mean_bias=False, search="full")
     exact = sum(
-        choose_lambda(w[i : i + 100], folds, kept, "affine", mean_bias=False).errors[1e-3] for i in range(0, 600, 100)
+        choose_lambda(w[i : i + 100], folds, kept, "affine", mean_bias=False, search="full").errors[1e-3]
+        for i in range(0, 600, 100)
     )
     assert sketched.errors[1e-3] == pytest.approx(exact, rel=0.3)
 

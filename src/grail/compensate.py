@@ -284,15 +284,19 @@ def choose_lambda(
                 "wgw": float((w_gram * w).sum()),
             }
         )
-    keys = ("gram_pp", "sums_p", "count", "wg", "ws")
-    full = {k: sum(f[k] for f in stats) for k in keys}
+    small = ("sums_p", "count", "wg", "ws")
+    full = {k: sum(f[k] for f in stats) for k in (*small, "gram_pp")}
     w_kept = w[:, kept]
-    trains = [{k: full[k] - f[k] for k in keys} for f in stats]  # each fold's fit uses the other folds
+    trains = [{k: full[k] - f[k] for k in small} for f in stats]  # each fold's fit uses the other folds
     # W[:, R] mean[R] = (W s - W[:, P] s[P]) / N over the training tokens
     shifts = [(t["ws"] - w_kept @ t["sums_p"]) / max(t["count"], 1) if mean_bias else None for t in trains]
-    systems = [
-        RidgeSystem.from_products(
-            t["gram_pp"],
+
+    def system(i: int) -> RidgeSystem:
+        # Built per candidate, so that one training matrix (and its factor) is alive at a time:
+        # the subtraction costs K^2 against the factorisation's K^3 / 3.
+        t = trains[i]
+        return RidgeSystem.from_products(
+            full["gram_pp"] - stats[i]["gram_pp"],
             t["sums_p"],
             t["count"],
             t["wg"],
@@ -300,13 +304,11 @@ def choose_lambda(
             fit == "affine",
             w_kept if prior == "pruned" else None,
         )
-        for t in trains
-    ]
 
     def candidate(i: int, lam: float | None) -> ConsumerFit:
         if lam is None:  # the uncompensated consumer
             return ConsumerFit(w_kept, shifts[i])
-        result = systems[i].solve(lam, where)
+        result = system(i).solve(lam, where)
         if fit == "seed":
             result = ConsumerFit(result.weight, shifts[i], result.jitter)
         return result
