@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from conftest import TINY_VARIANTS, random_windows, tiny_model
 from torch import nn
 
 from grail import PruneConfig, prune_model
-from grail.compensate import LAMBDA_START, fit_consumer
+from grail.compensate import LAMBDA_GRID, LAMBDA_START, fit_consumer, grid_descent
 from grail.errors import GrailError
 from grail.methods.base import uniform_allocation
 from grail.models.arch import arch_for, layer_shape, linear_param_count
@@ -223,27 +222,35 @@ def test_auto_lambda_summary_line():
         assert blocks and all(b["solve_s"] > 0 for b in blocks)
 
 
-def test_local_lambda_search_starts_from_the_previous_layer_and_matches_the_full_search():
+@pytest.mark.parametrize("method", ["wanda_sp", "wanda_pp_sp"])  # wanda_pp_sp: compensation after the transforms
+def test_local_lambda_search_starts_from_the_previous_layer_and_matches_the_full_search(method):
     model = tiny_model("llama", 4, 4)
     windows = random_windows(8, 16)
     runs = {}
     for search in ("full", "local"):
         config = PruneConfig(
-            prune_method="wanda_sp", pruning_ratio=0.4, nsamples=8, compensate=True, ridge_lambda="auto"
+            prune_method=method,
+            pruning_ratio=0.4,
+            nsamples=8,
+            compensate=True,
+            ridge_lambda="auto",
+            lambda_search=search,
         )
         m = copy.deepcopy(model)
-        runs[search] = (prune_model(m, windows, replace(config, lambda_search=search), progress=False).blocks, m)
+        runs[search] = (prune_model(m, windows, config, progress=False).blocks, m)
     full, local = runs["full"][0], runs["local"][0]
     assert all(len(b["heldout_errors"]) == 9 for b in full)
     for i, block in enumerate(local):
-        scored = [float(lam) for lam in block["heldout_errors"]]
         earlier = [b["lambda"] for b in local[:i] if b["block"] == block["block"]]
         start = earlier[-1] if earlier else LAMBDA_START
-        assert start in scored and len(scored) < 9  # it started there and stopped early
-        # the scores are the full search's, and so is the choice on these one-valley curves
+        # exactly the candidates a descent from the previous layer's choice visits, with the full search's scores
+        full_errors = {float(lam): err for lam, err in full[i]["heldout_errors"].items()}
+        visited = grid_descent(full_errors.__getitem__, LAMBDA_GRID, start)
+        assert [float(lam) for lam in block["heldout_errors"]] == list(visited)
+        assert len(visited) < 9
         for lam, err in block["heldout_errors"].items():
-            assert err == pytest.approx(full[i]["heldout_errors"][lam], rel=1e-9)
-        assert block["lambda"] == full[i]["lambda"]
+            assert err == full[i]["heldout_errors"][lam]
+        assert block["lambda"] == full[i]["lambda"]  # these curves have one valley
     for a, b in zip(runs["full"][1].state_dict().values(), runs["local"][1].state_dict().values(), strict=True):
         assert torch.equal(a, b)
 

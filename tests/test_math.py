@@ -393,7 +393,8 @@ def _singular(n, h, seed):
 @pytest.mark.parametrize("fit_name", ["linear", "affine"])
 def test_local_search_scores_like_the_full_search_and_chooses_alike(make, prior, fit_name):
     kept = torch.tensor([0, 1, 2, 3, 5, 8])
-    for seed in range(4):
+    one_valley = 0
+    for seed in range(8):
         x = make(n=48, h=10, seed=seed)  # few tokens per fold: the penalty matters
         w = torch.randn(7, 10, generator=torch.Generator().manual_seed(100 + seed))
         folds = _fold_stats(x, 4).fold_moments()
@@ -402,11 +403,15 @@ def test_local_search_scores_like_the_full_search_and_chooses_alike(make, prior,
         for start in (None, 0.0, 1e-3, 100.0):
             local = choose_lambda(w, folds, kept, fit_name, mean_bias=False, prior=prior, search="local", start=start)
             for lam, err in local.errors.items():
-                assert err == pytest.approx(full.errors[lam], rel=1e-8)
-            assert local.plain_error == pytest.approx(full.plain_error, rel=1e-8)
+                assert err == full.errors[lam]  # the same computation, candidate by candidate
+            assert local.plain_error == full.plain_error
             if _one_valley(values):
                 assert local.lam == full.lam
                 assert local.compensate == full.compensate
+        one_valley += _one_valley(values)
+    # the choice was compared, not only the scores (the ill-conditioned Grams with the pruned
+    # prior give two valleys in most seeds: 0 and about 0.1)
+    assert one_valley >= 2
 
 
 def _bad_values(f):

@@ -145,12 +145,16 @@ class RidgeSystem:
             matrix, rhs = gram_pp, wg
         return cls(matrix, rhs, k, gram_pp.diagonal().mean().item(), prior)
 
-    def solve(self, lam: float, where: str = "") -> ConsumerFit:
-        """The fit with ``lam * mean(diag G[P, P])`` added to the kept units' diagonal (not the bias's)."""
+    def solve(self, lam: float, where: str = "", overwrite: bool = False) -> ConsumerFit:
+        """The fit with ``lam * mean(diag G[P, P])`` added to the kept units' diagonal (not the bias's).
+
+        ``overwrite`` adds the penalty to ``matrix`` in place (for a system solved once), which
+        saves a K x K copy.
+        """
         k, penalty = self.kept_count, lam * self.scale
         a, rhs = self.matrix, self.rhs
         if penalty:
-            a = a.clone()
+            a = a if overwrite else a.clone()
             a.diagonal()[:k] += penalty
             if self.prior is not None:
                 rhs = rhs.clone()
@@ -221,7 +225,7 @@ class LambdaChoice:
     lam: float  # the penalty with the lowest held-out error
     heldout_error: float  # its summed held-out output error
     plain_error: float  # held-out error of the uncompensated consumer
-    errors: dict[float, float]  # every candidate's held-out error
+    errors: dict[float, float]  # the held-out error of every candidate scored
 
     @property
     def compensate(self) -> bool:
@@ -258,7 +262,8 @@ def choose_lambda(
 
     ``search="full"`` scores every candidate of ``grid``; ``"local"`` descends the grid from
     ``start`` (an earlier consumer's choice, else :data:`LAMBDA_START`) to the nearest local
-    minimum of the held-out error (:func:`grid_descent`), scoring 3-5 candidates instead of 9.
+    minimum of the held-out error (:func:`grid_descent`), scoring 3 candidates plus one per
+    step away from ``start`` (2 at an end of the grid, at most all of them).
     The scores it computes are the same numbers; its choice equals the full search's whenever
     the held-out error has one valley along the grid. ``errors`` holds the scored candidates.
     """
@@ -292,8 +297,9 @@ def choose_lambda(
     shifts = [(t["ws"] - w_kept @ t["sums_p"]) / max(t["count"], 1) if mean_bias else None for t in trains]
 
     def system(i: int) -> RidgeSystem:
-        # Built per candidate, so that one training matrix (and its factor) is alive at a time:
-        # the subtraction costs K^2 against the factorisation's K^3 / 3.
+        # Built per candidate and penalised in place, so that besides the folds' and the total's
+        # G[P, P] one training matrix and its factor are alive at a time: the subtraction costs
+        # K^2 against the factorisation's K^3 / 3.
         t = trains[i]
         return RidgeSystem.from_products(
             full["gram_pp"] - stats[i]["gram_pp"],
@@ -308,7 +314,7 @@ def choose_lambda(
     def candidate(i: int, lam: float | None) -> ConsumerFit:
         if lam is None:  # the uncompensated consumer
             return ConsumerFit(w_kept, shifts[i])
-        result = system(i).solve(lam, where)
+        result = system(i).solve(lam, where, overwrite=True)
         if fit == "seed":
             result = ConsumerFit(result.weight, shifts[i], result.jitter)
         return result
@@ -336,31 +342,28 @@ def grid_descent(score: Callable[[float], float], grid: Sequence[float], start: 
     """The scores of the grid points a descent from ``start`` visits, in grid order.
 
     From the grid point nearest ``start`` (on a log scale) it moves to the lower of the two
-    neighbours while one is lower, and stops at a point lower than both. Ties count as lower
-    on the side of the smaller grid value, as ``min`` over the full grid breaks them. When
-    the scores along the grid fall and then rise (one valley; equal scores count as rising),
-    that point is the grid's minimum, found with ``3 + distance`` scores instead of
-    ``len(grid)``; where they have several valleys it is the bottom of the valley ``start``
-    lies in.
+    neighbours while one is lower, and stops where neither is. Comparisons are of (score,
+    position), so equal scores count as lower on the side of the smaller grid value, as
+    ``min`` over the full grid breaks ties, and a NaN score counts as infinite. When the
+    scores along the grid fall strictly to their minimum and then rise or stay (one valley),
+    the stop is the grid's minimum, found with ``3 + distance`` scores (2 + distance at an end
+    of the grid) instead of ``len(grid)``; where they have several valleys (or a flat stretch
+    on the falling side) it is the bottom of the valley ``start`` lies in.
     """
-    nearest = min(range(len(grid)), key=lambda i: abs(_log(grid[i]) - _log(start)))
+    smallest = min((v for v in grid if v > 0), default=1.0)
+    position = lambda v: math.log10(v) if v > 0 else math.log10(smallest) - 1  # noqa: E731 (0: a decade below)
+    nearest = min(range(len(grid)), key=lambda i: abs(position(grid[i]) - position(start)))
     scores: dict[int, float] = {}
 
-    def at(i: int) -> float:
+    def key(i: int) -> tuple[float, int]:
         if i not in scores:
             scores[i] = score(grid[i])
-        return scores[i]
+        return (math.inf if math.isnan(scores[i]) else scores[i], i)
 
     here = nearest
     while True:
-        around = [i for i in (here - 1, here, here + 1) if 0 <= i < len(grid)]
-        lowest = min(around, key=lambda i: (at(i), i))
+        lowest = min((i for i in (here - 1, here, here + 1) if 0 <= i < len(grid)), key=key)
         if lowest == here:
             break
         here = lowest
     return {grid[i]: scores[i] for i in sorted(scores)}
-
-
-def _log(value: float) -> float:
-    """Position on the lambda grid's log scale (0 sits one decade below the smallest positive value)."""
-    return math.log10(value) if value > 0 else math.log10(min(v for v in LAMBDA_GRID if v > 0)) - 1
