@@ -14,10 +14,14 @@ Two parts, each reporting ratios measured in one process:
   random activations, 4 folds): the whole cross-validation with the full search and with the
   local search started cold (at 0.1, as in a first layer) and warm (at the full search's
   choice, as when the previous layer chose the same).
+* ``linalg``: what one factorisation, one solve and one eigendecomposition of a K x K float64
+  system cost on this machine, as ratios to a Cholesky factorisation (does one
+  eigendecomposition per fold, serving every lambda, pay here?).
 
     python bench/bench_lambda.py model --data_dir ../shared/data --methods flap,wanda_sp --ratios 0.3,0.5 \\
         --calibration 16x256,128x256 --out results/lambda_cost/model.json
     python bench/bench_lambda.py layer --shapes 896x4864,4096x11008 --out results/lambda_cost/layer.json
+    python bench/bench_lambda.py linalg --sizes 1075,3900
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch
 
 import grail
 from grail.compensate import LAMBDA_START, choose_lambda, grid_descent
+from grail.engine import previous_lambda
 from grail.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 from grail.stats import InputStats
 from grail.timing import Timer
@@ -40,17 +45,14 @@ from grail.timing import Timer
 def replayed_agreement(blocks: list[dict]) -> tuple[int, int]:
     """(consumers where the descent picks the full search's choice, consumers) from a full run's errors."""
     same = total = 0
-    previous: dict[str, float] = {}
-    for row in blocks:
+    for i, row in enumerate(blocks):
         if "heldout_errors" not in row:
             continue
         errors = {float(k): v for k, v in row["heldout_errors"].items()}
-        grid = sorted(errors)
-        start = previous.get(row["block"], LAMBDA_START)
-        local = grid_descent(errors.__getitem__, grid, start)
+        start = previous_lambda(blocks[:i], row["block"])
+        local = grid_descent(errors.__getitem__, sorted(errors), LAMBDA_START if start is None else start)
         same += min(local, key=local.get) == row["lambda"]
         total += 1
-        previous[row["block"]] = row["lambda"]
     return same, total
 
 
@@ -168,6 +170,38 @@ def layer_part(args: argparse.Namespace) -> dict:
     return {"layers": results}
 
 
+def linalg_part(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+
+    def best_of(f, n: int = 3) -> float:
+        f()
+        times = []
+        for _ in range(n):
+            started = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    results = []
+    for k in (int(v) for v in args.sizes.split(",")):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(k + 200, k, generator=g, dtype=torch.float64)
+        a, rhs = x.T @ x, torch.randn(k, 128, generator=g, dtype=torch.float64)
+        factor = torch.linalg.cholesky(a)
+        cholesky = best_of(lambda: torch.linalg.cholesky(a))  # noqa: B023
+        row = {"K": k, "cholesky_s": round(cholesky, 4)}
+        timed = {
+            "cholesky_solve_128": lambda: torch.cholesky_solve(rhs, factor),  # noqa: B023
+            "eigh": lambda: torch.linalg.eigh(a),  # noqa: B023
+            "eigvalsh": lambda: torch.linalg.eigvalsh(a),  # noqa: B023
+        }
+        for name, f in timed.items():
+            row[f"{name} / cholesky"] = round(best_of(f, 1 if "eig" in name else 3) / cholesky, 2)
+        print(json.dumps(row), flush=True)
+        results.append(row)
+    return {"linalg": results}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="part", required=True)
@@ -185,11 +219,14 @@ def main() -> None:
     l.add_argument("--shapes", default="896x4864", help="comma-separated HIDDENxMLP")
     l.add_argument("--tokens", type=int, default=4096)
     l.add_argument("--ratio", type=float, default=0.2)
-    for sp in (m, l):
+    a = sub.add_parser("linalg", help="factorisation, solve and eigendecomposition times on this machine")
+    a.add_argument("--sizes", default="1075,3900", help="comma-separated K")
+    for sp in (m, l, a):
         sp.add_argument("--threads", type=int, default=2)
         sp.add_argument("--out", default=None)
     args = p.parse_args()
-    summary = {"setting": vars(args)} | (model_part(args) if args.part == "model" else layer_part(args))
+    part = {"model": model_part, "layer": layer_part, "linalg": linalg_part}[args.part]
+    summary = {"setting": vars(args)} | part(args)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(summary, indent=2))

@@ -242,7 +242,7 @@ def test_local_lambda_search_starts_from_the_previous_layer_and_matches_the_full
     assert all(len(b["heldout_errors"]) == 9 for b in full)
     for i, block in enumerate(local):
         earlier = [b["lambda"] for b in local[:i] if b["block"] == block["block"]]
-        start = earlier[-1] if earlier else LAMBDA_START
+        start = earlier[-1] if earlier else LAMBDA_START  # the same kind's choice in the layer before
         # exactly the candidates a descent from the previous layer's choice visits, with the full search's scores
         full_errors = {float(lam): err for lam, err in full[i]["heldout_errors"].items()}
         visited = grid_descent(full_errors.__getitem__, LAMBDA_GRID, start)

@@ -161,7 +161,7 @@ class PruneConfig:
     lambda_search: str = option(
         "local",
         "how --ridge_lambda auto searches its grid of penalties: local (descend from the previous layer's choice to "
-        "the nearest minimum of the held-out error: 3 candidates plus one per step, 3.2-3.5 on average on SmolLM2) "
+        "the nearest minimum of the held-out error: 3 candidates plus one per step, 3.2-3.6 on average on SmolLM2) "
         "or full (all 9)",
         group="compensation",
         choices=LAMBDA_SEARCHES,

@@ -81,6 +81,14 @@ class PruneReport:
         }
 
 
+def previous_lambda(blocks: list[dict], kind: str) -> float | None:
+    """The lambda of the latest report row of this kind of block that has one (where the local search starts)."""
+    for row in reversed(blocks):
+        if row["block"] == kind and "lambda" in row:
+            return row["lambda"]
+    return None
+
+
 def layer_blocks(arch: ArchSpec, index: int, layer: nn.Module, attention_unit: str) -> dict[str, Block]:
     """The attention and MLP blocks of a decoder layer."""
     shape = layer_shape(arch, layer)
@@ -330,13 +338,6 @@ class _LayerStep:
     def _where(self, block: Block) -> str:
         return f"layer {block.layer_index} {self.arch.consumer_names()[block.kind]}"
 
-    def _previous_lambda(self, kind: str) -> float | None:
-        """The lambda chosen for this kind of block in the nearest earlier layer, if any."""
-        for row in reversed(self.report.blocks):
-            if row["block"] == kind and "lambda" in row:
-                return row["lambda"]
-        return None
-
     def _mean_bias(self) -> bool:
         return self.policy.bias_compensation and self.method.selector.mean_bias
 
@@ -384,7 +385,7 @@ class _LayerStep:
                     mean_bias,
                     where,
                     decision.refit,
-                    self._previous_lambda(block.kind),
+                    previous_lambda(self.report.blocks, block.kind),
                 )
         with timer.section("pruning"):
             if block.kind == "attn":
@@ -418,7 +419,7 @@ class _LayerStep:
                 item.gram_stats,
                 self._mean_bias(),
                 self._where(item.block),
-                start_lambda=self._previous_lambda(item.block.kind),
+                start_lambda=previous_lambda(self.report.blocks, item.block.kind),
             )
         set_consumer(consumer, update.weight, update.bias)
         item.row.update(update.notes)
