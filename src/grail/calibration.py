@@ -206,6 +206,79 @@ def iter_samples(layer: nn.Module, calib: Calibration, n_samples: int):
 Taps = list[tuple[nn.Linear, list[tuple[InputStats, int]]]]
 
 
+def fold_rows(ids: Tensor, limit: int, n_folds: int) -> list[tuple[int, Tensor | None]]:
+    """``(fold, rows)`` of a batch's samples with global index below ``limit`` (``ids`` increase).
+
+    ``rows`` index the first ``k`` samples of the batch (None: all ``k`` of them, in one fold);
+    sample ``i`` belongs to fold ``i % n_folds``.
+    """
+    k = int((ids < limit).sum())
+    if k == 0:
+        return []
+    if n_folds == 1:
+        return [(0, None)]
+    folds = ids[:k] % n_folds
+    return [(fold, (folds == fold).nonzero().squeeze(1)) for fold in folds.unique().tolist()]
+
+
+def _run_to(layer: nn.Module, hidden: Tensor, kwargs: dict, consumer: str, added: str | None):
+    """``(layer input, consumer input, output of module added or None)`` of one batch, stopping at the consumer."""
+    got: dict = {}
+
+    def at_consumer(module, args):
+        got["input"] = args[0]
+        raise _StopForward
+
+    def at_added(module, args, out):
+        got["added"] = out
+
+    handles = [layer.get_submodule(consumer).register_forward_pre_hook(at_consumer)]
+    if added is not None:
+        handles.append(layer.get_submodule(added).register_forward_hook(at_added))
+    try:
+        x, kw = layer_inputs(layer, hidden, kwargs)
+        with torch.no_grad(), contextlib.suppress(_StopForward):
+            layer(x, **kw)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return x, got["input"], got.get("added")
+
+
+def run_paired(
+    layer: nn.Module,
+    dense_layer: nn.Module,
+    calib: Calibration,
+    dense: Calibration,
+    consumer: str,
+    added: str | None,
+    limit: int,
+    on_batch,
+) -> None:
+    """Run a layer being pruned and its dense copy side by side up to a consumer, batch by batch.
+
+    ``dense`` holds the dense model's activations entering this layer, for the samples of the
+    first batches of ``calib``. For every batch with samples below ``limit``,
+    ``on_batch(ids, inputs, dense_inputs, drift)`` receives the consumer's input in the layer
+    and in its dense copy, and the drift of the block's residual input (dense minus pruned, in
+    float64): the layer's input, plus the output of the submodule ``added`` (``o_proj``, whose
+    output the LLaMA layout adds to the residual stream before the MLP block).
+    """
+    for b, dense_hidden in enumerate(dense.hidden):
+        ids = calib.ids[b]
+        if not torch.equal(ids, dense.ids[b]):
+            raise RuntimeError("the dense and pruned calibration streams hold different samples")
+        k = int((ids < limit).sum())
+        if k == 0:
+            break
+        x, h, o = _run_to(layer, calib.hidden[b], calib.kwargs[b], consumer, added)
+        x_d, h_d, o_d = _run_to(dense_layer, dense_hidden, dense.kwargs[b], consumer, added)
+        drift = x_d[:k].to(torch.float64) - x[:k].to(torch.float64)
+        if added is not None:
+            drift += o_d[:k].to(torch.float64) - o[:k].to(torch.float64)
+        on_batch(ids[:k], h[:k], h_d[:k], drift)
+
+
 def run_layer(
     layer: nn.Module,
     calib: Calibration,
@@ -227,15 +300,9 @@ def run_layer(
         def hook(module, args):
             x, ids = args[0], current["ids"]
             for stats, limit in targets:
-                k = int((ids < limit).sum())  # ids increase within a batch
-                if k == 0:
-                    continue
-                if stats.n_folds == 1:
-                    stats.update(x[:k])
-                    continue
-                folds = ids[:k] % stats.n_folds  # sample i -> fold i % K
-                for fold in folds.unique().tolist():
-                    stats.update(x[:k][(folds == fold).to(x.device)], fold=fold)
+                k = int((ids < limit).sum())
+                for fold, rows in fold_rows(ids, limit, stats.n_folds):
+                    stats.update(x[:k] if rows is None else x[:k][rows.to(x.device)], fold=fold)
             if module is stop_at:
                 raise _StopForward
 

@@ -97,6 +97,35 @@ class Moments:
 
 
 @dataclass(frozen=True)
+class TargetMoments:
+    """Token sums that define what a consumer's fit reproduces, when it is not ``W h``.
+
+    For a target ``t_n`` (O) at consumer input ``h_n`` (H): ``cross = sum_n t_n h_n^T``
+    (O x H), ``sums = sum_n t_n``, ``sq = sum_n |t_n|^2`` and ``sketch_sq = sum_n |S t_n|^2``
+    on the cross-validation's output sketch (:func:`output_sketch`; ``sq`` when there is none).
+    The default target ``t_n = W h_n`` needs none of them: they are ``W G``, ``W s`` and
+    ``tr(W G W^T)``.
+    """
+
+    cross: Tensor
+    sums: Tensor
+    sq: float
+    sketch_sq: float
+
+
+def output_sketch(rows: int, device: torch.device | str = "cpu") -> Tensor | None:
+    """The seeded Gaussian sketch ``S`` (``E[S^T S] = I``) that cross-validation scores wide consumers on.
+
+    None for consumers with at most :data:`SKETCH_ROWS` outputs (scored exactly).
+    """
+    if rows <= SKETCH_ROWS:
+        return None
+    generator = torch.Generator().manual_seed(0)
+    sketch = torch.randn(SKETCH_ROWS, rows, generator=generator, dtype=torch.float64)
+    return sketch.to(device) / SKETCH_ROWS**0.5
+
+
+@dataclass(frozen=True)
 class ConsumerFit:
     """A consumer's new weight over the kept columns and the shift of its bias."""
 
@@ -171,18 +200,27 @@ def fit_consumer(
     affine: bool,
     where: str = "",
     prior: str = "zero",
+    target: TargetMoments | None = None,
 ) -> ConsumerFit:
-    """GRAIL's compensated consumer: ``W' = W B`` (and ``W c`` as bias shift when affine)."""
+    """GRAIL's compensated consumer: ``W' = W B`` (and ``W c`` as bias shift when affine).
+
+    With ``target`` the fit reproduces that target instead of ``W h``: the right-hand side
+    ``W G[:, P]`` becomes ``sum_n t_n h_n[P]^T`` and ``W s`` becomes ``sum_n t_n``.
+    """
     w = weight.to(torch.float64)
     gram = moments.gram.to(w)
     kept = kept.to(w.device)
     sums = moments.sums.to(w)
+    if target is None:
+        rhs, rhs_sums = w @ gram[:, kept], w @ sums
+    else:
+        rhs, rhs_sums = target.cross.to(w)[:, kept], target.sums.to(w)
     system = RidgeSystem.from_products(
         gram[kept][:, kept],
         sums[kept],
         moments.count,
-        w @ gram[:, kept],
-        w @ sums,
+        rhs,
+        rhs_sums,
         affine,
         w[:, kept] if prior == "pruned" else None,
     )
@@ -233,6 +271,144 @@ class LambdaChoice:
         return self.heldout_error < self.plain_error
 
 
+class CrossValidation:
+    """Held-out output errors of a consumer's fits, from per-fold moments: solves only, no activations.
+
+    For fold ``f`` a fit uses the other folds (``total - fold``) and is scored on ``f`` against
+    a target ``t`` (``W h`` for ``"pruned"``, else the fold's :class:`TargetMoments`):
+    ``err_f = sum |t|^2 - 2 <W', C_f[:, P]> + <W', W' G_f[P, P]>`` with ``C_f = sum t h^T``,
+    plus the bias terms ``-2 d^T (sum t - W' s_f[P]) + N_f |d|^2``. The products with each
+    fold are computed once, so each (fold, lambda) costs one K x K factorisation, shared by
+    every target the fits are trained towards (their right-hand sides are solved together).
+
+    Every quantity is linear in the output rows, so a consumer with more than
+    :data:`SKETCH_ROWS` outputs is scored on ``S W`` and ``S t`` (:func:`output_sketch`): the
+    errors are then unbiased estimates (the same sketch for every candidate and for the
+    uncompensated consumer), at a fraction of the cost.
+    """
+
+    def __init__(
+        self,
+        weight: Tensor,
+        folds: list[Moments],
+        kept: Tensor,
+        fit: str,
+        mean_bias: bool,
+        prior: str = "zero",
+        targets: dict[str, list[TargetMoments]] | None = None,
+        where: str = "",
+    ) -> None:
+        w = weight.to(torch.float64)
+        sketch = output_sketch(w.shape[0], w.device)
+        if sketch is not None:
+            w = sketch @ w
+        kept = kept.to(w.device)
+        self.fit, self.prior, self.where = fit, prior, where
+        self.stats: list[dict] = []
+        for i, fold in enumerate(folds):
+            gram, sums = fold.gram.to(w), fold.sums.to(w)
+            w_gram = w @ gram  # both products below are read off it
+            products = {"pruned": (w_gram[:, kept], w @ sums, float((w_gram * w).sum()))}
+            for name, per_fold in (targets or {}).items():
+                t = per_fold[i]
+                cross, t_sums = t.cross.to(w)[:, kept], t.sums.to(w)
+                if sketch is None:
+                    products[name] = (cross, t_sums, t.sq)
+                else:
+                    products[name] = (sketch @ cross, sketch @ t_sums, t.sketch_sq)
+            self.stats.append(
+                {"gram_pp": gram[kept.unsqueeze(1), kept], "sums_p": sums[kept], "count": fold.count, **products}
+            )
+        self.targets = ("pruned", *(targets or {}))
+        small = ("sums_p", "count")
+        self.full = {k: sum(f[k] for f in self.stats) for k in (*small, "gram_pp")}
+        for name in self.targets:
+            self.full[name] = tuple(sum(f[name][j] for f in self.stats) for j in (0, 1))
+        self.w_kept = w[:, kept]
+        # each fold's fit uses the other folds
+        self.trains = [
+            {k: self.full[k] - f[k] for k in small}
+            | {name: tuple(self.full[name][j] - f[name][j] for j in (0, 1)) for name in self.targets}
+            for f in self.stats
+        ]
+        # W[:, R] mean[R] = (W s - W[:, P] s[P]) / N over the training tokens
+        self.shifts = [
+            (t["pruned"][1] - self.w_kept @ t["sums_p"]) / max(t["count"], 1) if mean_bias else None
+            for t in self.trains
+        ]
+        self._fits: dict[tuple[int, float], dict[str, ConsumerFit]] = {}
+        self._errors: dict[tuple[float | None, str, str], float] = {}
+
+    def _system(self, i: int, names: tuple[str, ...]) -> RidgeSystem:
+        # Built per candidate and penalised in place, so that besides the folds' and the total's
+        # G[P, P] one training matrix and its factor are alive at a time: the subtraction costs
+        # K^2 against the factorisation's K^3 / 3.
+        t = self.trains[i]
+        rhs = torch.cat([t[name][0] for name in names]) if len(names) > 1 else t[names[0]][0]
+        rhs_sums = torch.cat([t[name][1] for name in names]) if len(names) > 1 else t[names[0]][1]
+        prior = None
+        if self.prior == "pruned":
+            prior = self.w_kept.repeat(len(names), 1) if len(names) > 1 else self.w_kept
+        return RidgeSystem.from_products(
+            self.full["gram_pp"] - self.stats[i]["gram_pp"],
+            t["sums_p"],
+            t["count"],
+            rhs,
+            rhs_sums,
+            self.fit == "affine",
+            prior,
+        )
+
+    def candidate(self, i: int, lam: float | None, target: str = "pruned") -> ConsumerFit:
+        """Fold ``i``'s fit towards ``target`` at ``lam`` on the training folds (``None``: the uncompensated consumer)."""
+        if lam is None:
+            return ConsumerFit(self.w_kept, self.shifts[i])
+        key = (i, lam)
+        if key not in self._fits:  # one factorisation serves every target
+            solved = self._system(i, self.targets).solve(lam, self.where, overwrite=True)
+            rows = self.w_kept.shape[0]
+            self._fits[key] = {}
+            for j, name in enumerate(self.targets):
+                part = slice(j * rows, (j + 1) * rows)
+                bias = solved.bias_shift[part] if solved.bias_shift is not None else None
+                if self.fit == "seed":
+                    bias = self.shifts[i]
+                self._fits[key][name] = ConsumerFit(solved.weight[part], bias, solved.jitter)
+        return self._fits[key][target]
+
+    def heldout_error(self, lam: float | None, target: str = "pruned", score_on: str | None = None) -> float:
+        """Summed held-out error of the fit towards ``target`` at ``lam``, against ``score_on`` (default: ``target``)."""
+        score_on = score_on or target
+        key = (lam, target if lam is not None else "plain", score_on)
+        if key in self._errors:
+            return self._errors[key]
+        err = 0.0
+        for i, f in enumerate(self.stats):
+            c = self.candidate(i, lam, target)
+            new_w = c.weight
+            cross, t_sums, sq = f[score_on]
+            err += sq - 2 * float((new_w * cross).sum()) + float((new_w @ f["gram_pp"] * new_w).sum())
+            if c.bias_shift is not None:
+                d = c.bias_shift
+                err += -2 * float(d @ (t_sums - new_w @ f["sums_p"])) + f["count"] * float(d.square().sum())
+        self._errors[key] = err
+        return err
+
+    def choose(
+        self, target: str = "pruned", grid: tuple[float, ...] = LAMBDA_GRID, search: str = "local", start=None
+    ) -> LambdaChoice:
+        """The lambda of ``grid`` with the lowest held-out error towards ``target`` (full or local search)."""
+        if search not in LAMBDA_SEARCHES:
+            raise ValueError(f"search must be one of {LAMBDA_SEARCHES}, got {search!r}")
+        score = lambda lam: self.heldout_error(lam, target)  # noqa: E731
+        if search == "full":
+            errors = {lam: score(lam) for lam in grid}
+        else:
+            errors = grid_descent(score, grid, LAMBDA_START if start is None else start)
+        best = min(errors, key=errors.get)
+        return LambdaChoice(best, errors[best], self.heldout_error(None, score_on=target), errors)
+
+
 def choose_lambda(
     weight: Tensor,
     folds: list[Moments],
@@ -244,21 +420,15 @@ def choose_lambda(
     prior: str = "zero",
     search: str = "local",
     start: float | None = None,
+    target: str = "pruned",
+    target_folds: list[TargetMoments] | None = None,
 ) -> LambdaChoice:
-    """K-fold cross-validation of the ridge penalty from per-fold moments, with solves only.
+    """K-fold cross-validation of the ridge penalty from per-fold moments (:class:`CrossValidation`).
 
-    For fold ``f`` the fit uses the other folds (``total - fold``) and is scored on ``f``:
-    ``err_f = tr(W G_f W^T) - 2 <W', W G_f[:, P]> + <W', W' G_f[P, P]>`` plus the bias terms
-    of :func:`output_error`. ``W G_f[:, P]`` and ``tr(W G_f W^T)`` are computed once per fold,
-    so each candidate costs one K x K factorisation per fold. ``fit`` is one of
-    :data:`grail.config.FITS`; ``mean_bias`` adds FLAP's mean bias (from the training folds) to the
-    uncompensated consumer and to the ``seed`` fit. The uncompensated consumer is scored
-    the same way, for the guard.
-
-    Every quantity above is linear in ``W`` row by row, so a consumer with more than
-    :data:`SKETCH_ROWS` outputs is scored on ``S W`` with a seeded Gaussian ``S``
-    (``E[S^T S] = I``): the errors are then unbiased estimates (the same sketch for every
-    candidate and for the uncompensated consumer), at a fraction of the cost.
+    ``fit`` is one of :data:`grail.config.FITS`; ``mean_bias`` adds FLAP's mean bias (from the
+    training folds) to the uncompensated consumer and to the ``seed`` fit. The uncompensated
+    consumer is scored the same way, for the guard. ``target`` names what the fits reproduce
+    and are scored against: ``"pruned"`` (``W h``), else ``target_folds`` hold its moments.
 
     ``search="full"`` scores every candidate of ``grid``; ``"local"`` descends the grid from
     ``start`` (an earlier consumer's choice, else :data:`LAMBDA_START`) to the nearest local
@@ -267,75 +437,53 @@ def choose_lambda(
     The scores it computes are the same numbers; its choice equals the full search's whenever
     the held-out error has one valley along the grid. ``errors`` holds the scored candidates.
     """
-    if search not in LAMBDA_SEARCHES:
-        raise ValueError(f"search must be one of {LAMBDA_SEARCHES}, got {search!r}")
-    w = weight.to(torch.float64)
-    if w.shape[0] > SKETCH_ROWS:
-        generator = torch.Generator().manual_seed(0)
-        sketch = torch.randn(SKETCH_ROWS, w.shape[0], generator=generator, dtype=torch.float64)
-        w = (sketch.to(w.device) / SKETCH_ROWS**0.5) @ w
-    kept = kept.to(w.device)
-    stats = []
-    for fold in folds:
-        gram, sums = fold.gram.to(w), fold.sums.to(w)
-        w_gram = w @ gram  # both products below are read off it
-        stats.append(
-            {
-                "gram_pp": gram[kept.unsqueeze(1), kept],
-                "sums_p": sums[kept],
-                "count": fold.count,
-                "wg": w_gram[:, kept],
-                "ws": w @ sums,
-                "wgw": float((w_gram * w).sum()),
-            }
-        )
-    small = ("sums_p", "count", "wg", "ws")
-    full = {k: sum(f[k] for f in stats) for k in (*small, "gram_pp")}
-    w_kept = w[:, kept]
-    trains = [{k: full[k] - f[k] for k in small} for f in stats]  # each fold's fit uses the other folds
-    # W[:, R] mean[R] = (W s - W[:, P] s[P]) / N over the training tokens
-    shifts = [(t["ws"] - w_kept @ t["sums_p"]) / max(t["count"], 1) if mean_bias else None for t in trains]
+    targets = {target: target_folds} if target != "pruned" else None
+    cv = CrossValidation(weight, folds, kept, fit, mean_bias, prior, targets, where)
+    return cv.choose(target, grid, search, start)
 
-    def system(i: int) -> RidgeSystem:
-        # Built per candidate and penalised in place, so that besides the folds' and the total's
-        # G[P, P] one training matrix and its factor are alive at a time: the subtraction costs
-        # K^2 against the factorisation's K^3 / 3.
-        t = trains[i]
-        return RidgeSystem.from_products(
-            full["gram_pp"] - stats[i]["gram_pp"],
-            t["sums_p"],
-            t["count"],
-            t["wg"],
-            t["ws"],
-            fit == "affine",
-            w_kept if prior == "pruned" else None,
-        )
 
-    def candidate(i: int, lam: float | None) -> ConsumerFit:
-        if lam is None:  # the uncompensated consumer
-            return ConsumerFit(w_kept, shifts[i])
-        result = system(i).solve(lam, where, overwrite=True)
-        if fit == "seed":
-            result = ConsumerFit(result.weight, shifts[i], result.jitter)
-        return result
+@dataclass(frozen=True)
+class TargetChoice:
+    """Outcome of ``--grail_target auto``: each target's own choice, and all of them scored on one yardstick."""
 
-    def heldout_error(lam: float | None) -> float:
-        err = 0.0
-        for i, f in enumerate(stats):
-            c = candidate(i, lam)
-            new_w = c.weight
-            err += f["wgw"] - 2 * float((new_w * f["wg"]).sum()) + float((new_w @ f["gram_pp"] * new_w).sum())
-            if c.bias_shift is not None:
-                d = c.bias_shift
-                err += -2 * float(d @ (f["ws"] - new_w @ f["sums_p"])) + f["count"] * float(d.square().sum())
-        return err
+    target: str | None  # the target with the lowest yardstick error; None: the uncompensated consumer wins
+    lam: float | None
+    choices: dict[str, LambdaChoice]  # each target's held-out choice of lambda (scored on its own target)
+    errors: dict[str, float]  # each target's choice scored against the yardstick (plain pruning where guarded)
+    plain_error: float  # the uncompensated consumer against the yardstick
 
-    if search == "full":
-        errors = {lam: heldout_error(lam) for lam in grid}
-    else:
-        errors = grid_descent(heldout_error, grid, LAMBDA_START if start is None else start)
+
+def choose_target(
+    weight: Tensor,
+    folds: list[Moments],
+    kept: Tensor,
+    fit: str,
+    mean_bias: bool,
+    target_folds: dict[str, list[TargetMoments]],
+    grid: tuple[float, ...] = LAMBDA_GRID,
+    where: str = "",
+    prior: str = "zero",
+    search: str = "local",
+    start: float | None = None,
+    yardstick: str = "residual",
+) -> TargetChoice:
+    """Choose the fit target per consumer on held-out folds.
+
+    Each target (``"pruned"`` and those of ``target_folds``) first chooses its lambda and its
+    guard on its own target, exactly as with that target alone; then every target's result
+    (its fit, or plain pruning where its guard kept it) and plain pruning are scored against
+    the ``yardstick`` target on the same held-out folds, and the lowest wins. The single-target
+    choice of ``"pruned"`` is among the candidates, so the winner's held-out yardstick error
+    is never above it.
+    """
+    cv = CrossValidation(weight, folds, kept, fit, mean_bias, prior, target_folds, where)
+    choices = {name: cv.choose(name, grid, search, start) for name in cv.targets}
+    plain = cv.heldout_error(None, score_on=yardstick)
+    errors = {name: cv.heldout_error(c.lam, name, yardstick) if c.compensate else plain for name, c in choices.items()}
     best = min(errors, key=errors.get)
-    return LambdaChoice(best, errors[best], heldout_error(None), errors)
+    if not errors[best] < plain:
+        return TargetChoice(None, None, choices, errors, plain)
+    return TargetChoice(best, choices[best].lam, choices, errors, plain)
 
 
 def grid_descent(score: Callable[[float], float], grid: Sequence[float], start: float) -> dict[float, float]:

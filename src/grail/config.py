@@ -25,6 +25,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 FITS = ("affine", "linear", "seed")
 PRIORS = ("zero", "pruned")  # what the ridge penalty pulls the reconstruction towards
 LAMBDA_SEARCHES = ("local", "full")  # how --ridge_lambda auto walks its grid
+GRAIL_TARGETS = ("pruned", "dense", "residual", "auto")  # what a compensated consumer reproduces
 ATTENTION_UNITS = ("group", "query")
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # weight formats of --save_gguf
 DATA_DIR_ENV = "GRAIL_DATA_DIR"
@@ -175,6 +176,15 @@ class PruneConfig:
         choices=PRIORS,
         parse=str,
     )
+    grail_target: str = option(
+        "pruned",
+        "what each compensated consumer reproduces: pruned (its own dense weights' output on the pruned model's "
+        "activations), dense (the dense model's consumer output at the same tokens), residual (that plus the drift "
+        "of the residual stream, so the block also corrects earlier layers), or auto (chosen per consumer on "
+        "held-out windows; needs --ridge_lambda auto)",
+        group="compensation",
+        choices=GRAIL_TARGETS,
+    )
     grail_fit: str = option(
         "affine",
         "affine: fit with an intercept that becomes a bias; linear: no intercept; seed: linear fit plus the method's "
@@ -225,6 +235,12 @@ class PruneConfig:
             raise ConfigError(
                 f"--ridge_lambda auto holds out whole calibration windows: --comp_nsamples ({self.gram_nsamples}) "
                 f"must be at least --cv_folds ({self.cv_folds})."
+            )
+        if self.grail_target != "pruned" and not self.compensate:
+            raise ConfigError(f"--grail_target {self.grail_target} sets what GRAIL fits: add --compensate.")
+        if self.grail_target == "auto" and self.ridge_lambda != "auto":
+            raise ConfigError(
+                "--grail_target auto chooses on held-out calibration windows: use it with --ridge_lambda auto."
             )
         for name, opts in self.method_options.items():
             if not isinstance(opts, MethodOptions) or opts.method != name:

@@ -19,20 +19,22 @@ name: it drives each method's selector, allocator and layer transforms
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from grail import distributed
-from grail.calibration import Calibration, InMemoryLayers, capture_layer_inputs, run_layer
+from grail.calibration import Calibration, InMemoryLayers, capture_layer_inputs, fold_rows, run_layer, run_paired
 from grail.config import PruneConfig
 from grail.errors import GrailError
 from grail.methods import Block, Decision, Evidence, Method, make_method
 from grail.models.arch import ArchSpec, arch_for, layer_shape, linear_param_count
 from grail.policy import CompensationPolicy
-from grail.stats import InputStats
+from grail.stats import InputStats, TargetStats
 from grail.surgery import prune_attention, prune_mlp, set_consumer
 from grail.timing import Timer
 
@@ -178,7 +180,7 @@ def prune_model(
     method.allocator.check(
         [layer_blocks(arch, i, layer, config.attention_unit)["attn"].units() for i, layer in enumerate(layers)]
     )
-    calib = None
+    calib = dense_stream = None
     if needed:
         if windows is None or windows.shape[0] < needed:
             have = 0 if windows is None else windows.shape[0]
@@ -195,14 +197,20 @@ def prune_model(
                 ),
             )
             calib = captured.first_samples(needed)
+            if CompensationPolicy.from_config(config).dense_targets:  # the dense model's stream, beside the pruned one
+                dense_stream = captured.first_samples(config.gram_nsamples)
         report.calibration_windows = needed
         # Without a cache nothing else needs the captured inputs: keep a handle only on spilled
         # files (to delete them), so in-memory activations can be freed as soon as pruning is done with them.
         spilled = captured if cache is None and captured.spill_dir is not None else None
         del captured
     try:
-        _prune_layers(model, arch, layers, calib, config, method, timer, report, progress, cache, layer_source)
+        _prune_layers(
+            model, arch, layers, calib, dense_stream, config, method, timer, report, progress, cache, layer_source
+        )
     finally:  # spilled activations are deleted, whether pruning ended or was interrupted
+        if dense_stream is not None:
+            dense_stream.release()
         if calib is not None:
             calib.release()
             if spilled is not None:
@@ -211,7 +219,9 @@ def prune_model(
     return report
 
 
-def _prune_layers(model, arch, layers, calib, config, method, timer, report, progress, cache, layer_source) -> None:
+def _prune_layers(
+    model, arch, layers, calib, dense_stream, config, method, timer, report, progress, cache, layer_source
+) -> None:
     """The layer loop of :func:`prune_model`: plan (global allocators), then prune each layer in order."""
 
     dense: dict[tuple[int, str], InputStats] = {}
@@ -221,7 +231,8 @@ def _prune_layers(model, arch, layers, calib, config, method, timer, report, pro
             calib.release()  # the plan and the scoring pass's statistics are all that pruning needs
             calib = None
 
-    step = _LayerStep(arch, calib, config, CompensationPolicy.from_config(config), method, timer, report)
+    policy = CompensationPolicy.from_config(config)
+    step = _LayerStep(arch, calib, config, policy, method, timer, report, dense_stream)
     desc = f"{method.name} + GRAIL" if config.compensate else method.name
     for index, layer in enumerate(tqdm(layers, desc=desc, disable=not progress)):
         layer_source.load(index, layer)
@@ -292,6 +303,7 @@ class _Deferred:
     kept_columns: Tensor
     selection: InputStats | None
     gram_stats: InputStats
+    targets: dict[str, TargetStats]
     row: dict  # its line in the report, completed when compensated
 
 
@@ -306,9 +318,13 @@ class _LayerStep:
     method: Method
     timer: Timer
     report: PruneReport
+    dense_stream: Calibration | None = None  # the dense model's activations (for targets other than "pruned")
+    dense_layer: nn.Module | None = None  # the current layer as it was before pruning, while it is pruned
 
     def __call__(self, layer: nn.Module, index: int, n_layers: int, dense: dict[str, InputStats | None]) -> None:
         method = self.method
+        if self.dense_stream is not None:
+            self.dense_layer = copy.deepcopy(layer)  # one layer, not a second model
         blocks = layer_blocks(self.arch, index, layer, self.config.attention_unit)
         n_remove = method.allocator.allocate(
             index, n_layers, blocks["attn"].units(), blocks["mlp"].units(), _linear_params(self.arch, layer)
@@ -334,6 +350,12 @@ class _LayerStep:
             if item is not None:
                 self._compensate_late(item)
         layer.to(dtype)
+        if self.dense_layer is not None:
+            if index + 1 < n_layers:  # the dense stream moves on to the next layer's inputs
+                with self.timer.section("calibration"):
+                    run_layer(self.dense_layer, self.dense_stream, update=True)
+                self.report.layer_passes += 1
+            self.dense_layer = None
 
     def _where(self, block: Block) -> str:
         return f"layer {block.layer_index} {self.arch.consumer_names()[block.kind]}"
@@ -364,6 +386,7 @@ class _LayerStep:
                 stats.check_finite(where)
             if selection is None:
                 selection = collected
+        targets = self._targets(layer, block) if policy.dense_targets else {}
         with timer.section("pruning"):
             gradient = extra.gradient if extra is not None else None
             decision: Decision = method.selector.select(block, Evidence(selection, gradient), n_remove)
@@ -386,6 +409,7 @@ class _LayerStep:
                     where,
                     decision.refit,
                     previous_lambda(self.report.blocks, block.kind),
+                    targets,
                 )
         with timer.section("pruning"):
             if block.kind == "attn":
@@ -402,8 +426,51 @@ class _LayerStep:
         }
         self.report.blocks.append(row | update.notes)
         if late:
-            return _Deferred(block, dense_weight, kept_columns, selection, gram_stats, self.report.blocks[-1])
+            return _Deferred(block, dense_weight, kept_columns, selection, gram_stats, targets, self.report.blocks[-1])
         return None
+
+    def _targets(self, layer: nn.Module, block: Block) -> dict[str, TargetStats]:
+        """Moments of the dense-model targets of a block's consumer, from the pruned and dense layers side by side.
+
+        ``dense``: the dense consumer's output ``W0 h_d`` (bias excluded: it stays the bias
+        the fit shifts); ``residual``: that plus the drift of the block's residual input.
+        """
+        names = self.policy.dense_targets
+        consumer = block.consumer
+        device = consumer.weight.device
+        stats = {
+            name: TargetStats(consumer.out_features, consumer.in_features, device, self.policy.folds) for name in names
+        }
+        consumer_name = self.arch.consumer_names()[block.kind]
+        added = self.arch.consumer_names()["attn"] if block.kind == "mlp" else None
+        dense_weight = self.dense_layer.get_submodule(consumer_name).weight.to(device, torch.float64)
+
+        def on_batch(ids: Tensor, inputs: Tensor, dense_inputs: Tensor, drift: Tensor) -> None:
+            dense_out = dense_inputs.to(device, torch.float64) @ dense_weight.T
+            values = {"dense": dense_out, "residual": dense_out + drift.to(device)} if "residual" in names else {}
+            values.setdefault("dense", dense_out)
+            for fold, rows in fold_rows(ids, self.config.gram_nsamples, self.policy.folds):
+                for name in names:
+                    t = values[name] if rows is None else values[name][rows.to(device)]
+                    h = inputs if rows is None else inputs[rows.to(inputs.device)]
+                    stats[name].update(t, h, fold)
+
+        with self.timer.section("calibration"):
+            run_paired(
+                layer,
+                self.dense_layer,
+                self.calib,
+                self.dense_stream,
+                consumer_name,
+                added,
+                self.config.gram_nsamples,
+                on_batch,
+            )
+        self.report.layer_passes += 1
+        for s in stats.values():
+            s.all_reduce()
+            s.check_finite(self._where(block))
+        return stats
 
     def _compensate_late(self, item: _Deferred) -> None:
         """Compensate a consumer as the transforms left it: its kept columns now, its removed ones as they were."""
@@ -420,6 +487,7 @@ class _LayerStep:
                 self._mean_bias(),
                 self._where(item.block),
                 start_lambda=previous_lambda(self.report.blocks, item.block.kind),
+                targets=item.targets,
             )
         set_consumer(consumer, update.weight, update.bias)
         item.row.update(update.notes)

@@ -5,9 +5,10 @@ input units are gone:
 
 * *plain pruning*: the kept columns as they are, plus the method's mean bias where the method
   and ``--bias_compensation`` allow it; or the method's own update (SlimGPT's refit);
-* *GRAIL*: the ridge fit of :mod:`grail.compensate` with the configured fit, lambda and prior;
-  with ``--ridge_lambda auto`` the lambda is chosen on held-out folds and the guard keeps
-  plain pruning where compensation does not help.
+* *GRAIL*: the ridge fit of :mod:`grail.compensate` with the configured fit, lambda, prior and
+  target; with ``--ridge_lambda auto`` the lambda is chosen on held-out folds and the guard
+  keeps plain pruning where compensation does not help; with ``--grail_target auto`` the
+  target is chosen there too.
 
 The engine calls it for every pruned block, and again after a method's layer transforms
 when compensation waits for them (Wanda++'s regional optimisation).
@@ -21,9 +22,9 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from grail.compensate import Moments, add_bias, choose_lambda, fit_consumer, mean_bias_shift
+from grail.compensate import Moments, add_bias, choose_lambda, choose_target, fit_consumer, mean_bias_shift
 from grail.config import PruneConfig
-from grail.stats import InputStats
+from grail.stats import InputStats, TargetStats
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class CompensationPolicy:
     bias_compensation: bool = True
     cv_folds: int = 4
     lambda_search: str = "local"
+    target: str = "pruned"
 
     @classmethod
     def from_config(cls, config: PruneConfig) -> CompensationPolicy:
@@ -59,12 +61,20 @@ class CompensationPolicy:
             config.bias_compensation,
             config.cv_folds,
             config.lambda_search,
+            config.grail_target,
         )
 
     @property
     def folds(self) -> int:
         """Folds the Gram statistics are kept in (several only for the held-out choice of lambda)."""
         return self.cv_folds if self.compensate and self.ridge_lambda == "auto" else 1
+
+    @property
+    def dense_targets(self) -> tuple[str, ...]:
+        """Targets whose moments come from the dense model's activations (none for ``pruned``)."""
+        if not self.compensate or self.target == "pruned":
+            return ()
+        return ("dense", "residual") if self.target == "auto" else (self.target,)
 
     @property
     def affine(self) -> bool:
@@ -103,43 +113,78 @@ class CompensationPolicy:
         where: str,
         refit: Moments | None = None,
         start_lambda: float | None = None,
+        targets: dict[str, TargetStats] | None = None,
     ) -> ConsumerUpdate:
         """The consumer after pruning: compensated when the policy says so, else plain pruning.
 
         ``start_lambda`` is where the local search of ``--ridge_lambda auto`` starts (the same
         consumer's choice in the previous layer: neighbouring layers choose alike).
+        ``targets`` hold the moments of :attr:`dense_targets`, by name.
         """
         if not self.compensate:
             return self.plain(weight, bias, kept_columns, selection, mean_bias, refit)
         started = time.perf_counter()
         kept_columns = kept_columns.to(weight.device)
         notes: dict = {}
-        lam = self.ridge_lambda
-        if lam == "auto":
-            choice = choose_lambda(
+        lam, target = self.ridge_lambda, self.target
+        fit_name = "affine" if self.affine else ("seed" if self.fit == "seed" else "linear")
+        target_folds = {name: stats.fold_moments() for name, stats in (targets or {}).items()}
+        if lam == "auto" and target == "auto":
+            picked = choose_target(
                 weight,
                 gram_stats.fold_moments(),
                 kept_columns,
-                "affine" if self.affine else ("seed" if self.fit == "seed" else "linear"),
+                fit_name,
                 mean_bias,
+                target_folds,
                 where=where,
                 prior=self.prior,
                 search=self.lambda_search,
                 start=start_lambda,
             )
+            target = picked.target or "pruned"
+            choice = picked.choices[target]
+            notes = {
+                "target": picked.target or "plain",
+                "target_heldout_errors": picked.errors | {"plain": picked.plain_error},
+                "target_lambdas": {name: c.lam for name, c in picked.choices.items()},
+            }
+            compensated = picked.target is not None
+        elif lam == "auto":
+            choice = choose_lambda(
+                weight,
+                gram_stats.fold_moments(),
+                kept_columns,
+                fit_name,
+                mean_bias,
+                where=where,
+                prior=self.prior,
+                search=self.lambda_search,
+                start=start_lambda,
+                target=target,
+                target_folds=target_folds.get(target),
+            )
+            notes = {"target": target} if target != "pruned" else {}
+            compensated = choice.compensate
+        if lam == "auto":
             notes = {
                 "lambda": choice.lam,
                 "heldout_error": choice.heldout_error,
                 "plain_heldout_error": choice.plain_error,
-                "compensated": choice.compensate,
+                "compensated": compensated,
                 "heldout_errors": {f"{lam:g}": err for lam, err in choice.errors.items()},
-            }
-            if not choice.compensate:  # the guard: keep the uncompensated consumer
+            } | notes
+            if not compensated:  # the guard: keep the uncompensated consumer
                 plain = self.plain(weight, bias, kept_columns, selection, mean_bias, refit)
                 notes["solve_s"] = round(time.perf_counter() - started, 4)
                 return ConsumerUpdate(plain.weight, plain.bias, notes)
             lam = choice.lam
-        fit = fit_consumer(weight, gram_stats.moments(), kept_columns, lam, self.affine, where, self.prior)
+        elif target != "pruned":
+            notes["target"] = target
+        target_moments = targets[target].moments() if target != "pruned" else None
+        fit = fit_consumer(
+            weight, gram_stats.moments(), kept_columns, lam, self.affine, where, self.prior, target_moments
+        )
         if fit.jitter:
             log.info(
                 "%s: kept units' Gram matrix singular; solved with jitter %.0e x its mean diagonal", where, fit.jitter

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from grail.compensate import Moments
+from grail.compensate import Moments, TargetMoments, output_sketch
 from grail.errors import GrailError
 
 
@@ -122,3 +122,66 @@ class InputStats:
         for t in (counts, *self.fold_sums, self.sq_sum, *(self.fold_grams or [])):
             distributed.all_reduce_sum(t)
         self.fold_counts = [int(c) for c in counts.tolist()]
+
+
+class TargetStats:
+    """Sums that define a fit target ``t_n`` (O) for a consumer whose input is ``h_n`` (H), per fold.
+
+    ``sum_n t_n h_n^T`` (O x H), ``sum_n t_n``, ``sum_n |t_n|^2`` and ``sum_n |S t_n|^2`` on the
+    cross-validation's output sketch, all in float64 (see :class:`grail.compensate.TargetMoments`).
+    """
+
+    def __init__(self, out_dim: int, in_dim: int, device: torch.device | str = "cpu", n_folds: int = 1):
+        self.fold_cross = [torch.zeros(out_dim, in_dim, dtype=torch.float64, device=device) for _ in range(n_folds)]
+        self.fold_sums = [torch.zeros(out_dim, dtype=torch.float64, device=device) for _ in range(n_folds)]
+        self.fold_sq = torch.zeros(n_folds, dtype=torch.float64, device=device)
+        self.fold_sketch_sq = torch.zeros(n_folds, dtype=torch.float64, device=device)
+        self.sketch = output_sketch(out_dim, device)
+
+    @property
+    def n_folds(self) -> int:
+        return len(self.fold_sums)
+
+    def update(self, target: Tensor, inputs: Tensor, fold: int = 0) -> None:
+        """Add tokens' targets ``[n, O]`` and the consumer's inputs ``[n, H]`` to ``fold``."""
+        t = target.reshape(-1, target.shape[-1]).to(torch.float64)
+        h = inputs.reshape(-1, inputs.shape[-1]).to(t)
+        self.fold_cross[fold].add_(t.T @ h)
+        self.fold_sums[fold] += t.sum(dim=0)
+        self.fold_sq[fold] += t.square().sum()
+        sketched = t if self.sketch is None else t @ self.sketch.T
+        self.fold_sketch_sq[fold] += sketched.square().sum()
+
+    def _moments(self, i: int) -> TargetMoments:
+        return TargetMoments(
+            self.fold_cross[i], self.fold_sums[i], float(self.fold_sq[i]), float(self.fold_sketch_sq[i])
+        )
+
+    def fold_moments(self) -> list[TargetMoments]:
+        return [self._moments(i) for i in range(self.n_folds)]
+
+    def moments(self) -> TargetMoments:
+        """The sums over all folds."""
+        return TargetMoments(
+            _total(self.fold_cross),
+            _total(self.fold_sums),
+            float(self.fold_sq.sum()),
+            float(self.fold_sketch_sq.sum()),
+        )
+
+    def check_finite(self, where: str) -> None:
+        tensors = [*self.fold_cross, *self.fold_sums, self.fold_sq]
+        if not all(bool(torch.isfinite(t).all()) for t in tensors):
+            raise NonFiniteStatisticsError(
+                f"NaN or Inf in the dense-model targets of {where}. The activations overflowed "
+                "or the weights are corrupt; try --dtype float32 or bfloat16 instead of float16."
+            )
+
+    def all_reduce(self) -> None:
+        """Sum over the processes of a data-parallel run (no-op in a single process)."""
+        from grail import distributed
+
+        if distributed.world_size() == 1:
+            return
+        for t in (*self.fold_cross, *self.fold_sums, self.fold_sq, self.fold_sketch_sq):
+            distributed.all_reduce_sum(t)

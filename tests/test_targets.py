@@ -1,0 +1,282 @@
+"""Fitting consumers towards the dense model (``--grail_target``): closed forms against direct
+solves on stored activations, the moments the engine records against a direct computation,
+and the properties the targets must have on tiny models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import random_windows, tiny_model
+
+from grail.compensate import choose_lambda, choose_target, fit_consumer, output_sketch
+from grail.config import ConfigError, PruneConfig
+from grail.engine import prune_model
+from grail.models.arch import arch_for
+from grail.policy import CompensationPolicy
+from grail.stats import InputStats, TargetStats
+
+KEPT = torch.tensor([0, 2, 3, 5, 8])
+REMOVED = torch.tensor([1, 4, 6, 7])
+
+
+def _activations(n=160, h=9, o=5, seed=0):
+    """Pruned-model inputs, dense-model inputs near them, a residual drift, and a consumer weight."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(h, h, generator=g, dtype=torch.float64)
+    pruned = torch.randn(n, h, generator=g, dtype=torch.float64) @ mix + 0.3
+    dense = pruned + 0.4 * torch.randn(n, h, generator=g, dtype=torch.float64) @ mix
+    drift = 0.5 * torch.randn(n, o, generator=g, dtype=torch.float64) + pruned[:, :o]
+    weight = torch.randn(o, h, generator=g, dtype=torch.float64)
+    return pruned, dense, drift, weight
+
+
+def _targets(name, dense, drift, weight, pruned):
+    return {"pruned": pruned @ weight.T, "dense": dense @ weight.T, "residual": dense @ weight.T + drift}[name]
+
+
+def _stats(h, t, folds=1):
+    """Gram statistics of ``h`` and target statistics of ``t``, rows split into contiguous folds."""
+    gram, target = InputStats(h.shape[1], gram=True, n_folds=folds), TargetStats(t.shape[1], h.shape[1], n_folds=folds)
+    for f, (hc, tc) in enumerate(zip(h.chunk(folds), t.chunk(folds), strict=True)):
+        gram.update(hc, fold=f)
+        target.update(tc, hc, fold=f)
+    return gram, target
+
+
+def _direct_ridge(h, t, weight, lam, affine, prior):
+    """``min |Z A^T - T|^2 + lam' |A_P - A0|^2`` by least squares on stored rows (intercept unpenalised)."""
+    z = h[:, KEPT]
+    k = len(KEPT)
+    scale = lam * (z.T @ z).diagonal().mean()
+    if affine:
+        z = torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype)], dim=1)
+    penalty = torch.zeros(k, z.shape[1], dtype=z.dtype)
+    penalty[:, :k] = scale.sqrt() * torch.eye(k, dtype=z.dtype)
+    anchor = scale.sqrt() * (weight[:, KEPT].T if prior == "pruned" else torch.zeros(k, t.shape[1], dtype=z.dtype))
+    sol = torch.linalg.lstsq(torch.cat([z, penalty]), torch.cat([t, anchor])).solution
+    return sol[:k].T, (sol[k] if affine else None)
+
+
+@pytest.mark.parametrize("prior", ["zero", "pruned"])
+@pytest.mark.parametrize("affine", [False, True])
+@pytest.mark.parametrize("name", ["dense", "residual"])
+@pytest.mark.parametrize("lam", [0.0, 0.05])
+def test_fit_towards_a_target_equals_a_direct_solve(name, affine, prior, lam):
+    pruned, dense, drift, weight = _activations()
+    t = _targets(name, dense, drift, weight, pruned)
+    gram, target = _stats(pruned, t)
+    fit = fit_consumer(weight, gram.moments(), KEPT, lam, affine, prior=prior, target=target.moments())
+    ref_w, ref_b = _direct_ridge(pruned, t, weight, lam, affine, prior)
+    torch.testing.assert_close(fit.weight, ref_w, rtol=1e-8, atol=1e-9)
+    if affine:
+        torch.testing.assert_close(fit.bias_shift, ref_b, rtol=1e-8, atol=1e-9)
+
+
+def test_the_pruned_target_written_as_moments_gives_todays_fit():
+    pruned, _, _, weight = _activations()
+    gram, target = _stats(pruned, pruned @ weight.T)
+    today = fit_consumer(weight, gram.moments(), KEPT, 0.01, True)
+    as_target = fit_consumer(weight, gram.moments(), KEPT, 0.01, True, target=target.moments())
+    torch.testing.assert_close(as_target.weight, today.weight, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("prior", ["zero", "pruned"])
+@pytest.mark.parametrize("fit_name", ["linear", "affine", "seed"])
+@pytest.mark.parametrize("name", ["dense", "residual"])
+def test_heldout_errors_towards_a_target_equal_direct_computation(name, fit_name, prior):
+    pruned, dense, drift, weight = _activations(n=200)
+    t = _targets(name, dense, drift, weight, pruned)
+    gram, target = _stats(pruned, t, folds=4)
+    choice = choose_lambda(
+        weight, gram.fold_moments(), KEPT, fit_name, True, prior=prior, search="full", target=name,
+        target_folds=target.fold_moments(),
+    )  # fmt: skip
+    h_chunks, t_chunks = pruned.chunk(4), t.chunk(4)
+    for lam in (0.0, 1e-3, 1.0, None):
+        direct = 0.0
+        for f in range(4):
+            train_h = torch.cat([c for i, c in enumerate(h_chunks) if i != f])
+            train_t = torch.cat([c for i, c in enumerate(t_chunks) if i != f])
+            mean_shift = weight[:, REMOVED] @ train_h.mean(0)[REMOVED]
+            if lam is None:
+                new_w, shift = weight[:, KEPT], mean_shift
+            else:
+                new_w, shift = _direct_ridge(train_h, train_t, weight, lam, fit_name == "affine", prior)
+                if fit_name == "seed":
+                    shift = mean_shift
+            pred = h_chunks[f][:, KEPT] @ new_w.T + (0 if shift is None else shift)
+            direct += (t_chunks[f] - pred).square().sum().item()
+        got = choice.plain_error if lam is None else choice.errors[lam]
+        assert got == pytest.approx(direct, rel=1e-8)
+
+
+def test_target_choice_scores_every_target_on_the_yardstick_and_keeps_pruned_among_them():
+    pruned, dense, drift, weight = _activations(n=400, seed=3)
+    folds = {}
+    for name in ("dense", "residual"):
+        gram, folds[name] = _stats(pruned, _targets(name, dense, drift, weight, pruned), folds=4)
+    folds = {name: s.fold_moments() for name, s in folds.items()}
+    picked = choose_target(weight, gram.fold_moments(), KEPT, "affine", True, folds, prior="pruned", search="full")
+    assert set(picked.choices) == {"pruned", "dense", "residual"}
+    # each target's own choice is the single-target choice (one solve serves all targets: round-off apart)
+    alone = choose_lambda(weight, gram.fold_moments(), KEPT, "affine", True, prior="pruned", search="full")
+    assert picked.choices["pruned"].lam == alone.lam
+    assert picked.choices["pruned"].errors == pytest.approx(alone.errors, rel=1e-12)
+    # the residual target scored on its own yardstick is its own held-out error
+    assert picked.errors["residual"] == pytest.approx(picked.choices["residual"].heldout_error, rel=1e-12)
+    assert picked.target == min(picked.errors, key=picked.errors.get)
+    assert picked.errors[picked.target] <= picked.errors["pruned"]
+    # this data's drift is predictable from the kept inputs: absorbing it wins
+    assert picked.target == "residual"
+
+
+def test_sketched_target_errors_are_unbiased_estimates():
+    """A consumer wider than the sketch: its held-out errors estimate the exact ones (mean over row subsets)."""
+    g = torch.Generator().manual_seed(4)
+    pruned = torch.randn(300, 9, generator=g, dtype=torch.float64) @ torch.randn(9, 9, generator=g, dtype=torch.float64)
+    weight = torch.randn(600, 9, generator=g, dtype=torch.float64)
+    t = (pruned + 0.2 * torch.randn(300, 9, generator=g, dtype=torch.float64)) @ weight.T
+    gram, target = _stats(pruned, t, folds=4)
+    assert target.sketch is not None and target.sketch.shape == (128, 600)
+    assert torch.equal(target.sketch, output_sketch(600))
+    sketched = choose_lambda(
+        weight, gram.fold_moments(), KEPT, "affine", False, search="full", target="dense",
+        target_folds=target.fold_moments(),
+    )  # fmt: skip
+    exact = 0.0
+    for i in range(0, 600, 100):  # 100-row slices are scored exactly
+        _, part = _stats(pruned, t[:, i : i + 100], folds=4)
+        exact += choose_lambda(
+            weight[i : i + 100], gram.fold_moments(), KEPT, "affine", False, search="full", target="dense",
+            target_folds=part.fold_moments(),
+        ).errors[1e-3]  # fmt: skip
+    assert sketched.errors[1e-3] == pytest.approx(exact, rel=0.25)
+
+
+# ---------------------------------------------------------------- in the engine
+
+
+def _recorded_updates(monkeypatch):
+    """Every call of the compensation policy: (layer, kind, kept columns, target moments by name)."""
+    calls = []
+    real = CompensationPolicy.update
+
+    def spy(self, weight, bias, kept_columns, selection, gram_stats, mean_bias, where, *args, **kwargs):
+        targets = kwargs.get("targets") if "targets" in kwargs else (args[2] if len(args) > 2 else None)
+        calls.append((where, kept_columns.clone(), {k: v.moments() for k, v in (targets or {}).items()}))
+        return real(self, weight, bias, kept_columns, selection, gram_stats, mean_bias, where, *args, **kwargs)
+
+    monkeypatch.setattr(CompensationPolicy, "update", spy)
+    return calls
+
+
+def _capture(model, windows, modules):
+    """Inputs (pre-hook) of the named modules of ``model`` on ``windows``, in float64."""
+    got, handles = {}, []
+    for name in modules:
+        handles.append(
+            model.get_submodule(name).register_forward_pre_hook(
+                lambda m, a, name=name: got.__setitem__(name, a[0].double().reshape(-1, a[0].shape[-1]))
+            )
+        )
+    with torch.no_grad():
+        model(windows)
+    for h in handles:
+        h.remove()
+    return got
+
+
+@pytest.mark.parametrize("kind", ["attn", "mlp"])
+def test_recorded_target_moments_equal_a_direct_computation(monkeypatch, kind):
+    """Layer 1, after layer 0 was pruned: the engine's dense/residual moments against stored activations."""
+    calls = _recorded_updates(monkeypatch)
+    dense_model = tiny_model("llama", 6, 2, layers=2)
+    windows = random_windows(8, 16)
+    pruned_model = copy.deepcopy(dense_model)
+    config = PruneConfig(
+        prune_method="wanda_sp", pruning_ratio=0.4, nsamples=8, compensate=True, ridge_lambda="auto",
+        grail_target="auto", calib_batch_size=3,
+    )  # fmt: skip
+    prune_model(pruned_model, windows, config, progress=False)
+    arch = arch_for(dense_model.config)
+    # the model as layer 1's block saw it: pruned layer 0, layer 1 dense (attn) or with its pruned attention (mlp)
+    seen = copy.deepcopy(pruned_model)
+    layer_dense, layer_seen = arch.decoder_layers(dense_model)[1], arch.decoder_layers(seen)[1]
+    if kind == "attn":
+        seen.model.layers[1] = copy.deepcopy(layer_dense)
+    else:
+        layer_seen.mlp = copy.deepcopy(layer_dense.mlp)
+    consumer = f"model.layers.1.{arch.consumer_names()[kind]}"
+    residual_in = "model.layers.1" if kind == "attn" else "model.layers.1.post_attention_layernorm"
+    d, p = _capture(dense_model, windows, [consumer, residual_in]), _capture(seen, windows, [consumer, residual_in])
+    w0 = dense_model.get_submodule(consumer).weight.double()
+    targets = {"dense": d[consumer] @ w0.T}
+    targets["residual"] = targets["dense"] + d[residual_in] - p[residual_in]
+    _, _, recorded = next(c for c in calls if c[0] == f"layer 1 {arch.consumer_names()[kind]}")
+    for name, t in targets.items():
+        torch.testing.assert_close(recorded[name].cross, t.T @ p[consumer], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(recorded[name].sums, t.sum(0), rtol=1e-4, atol=1e-4)
+        assert recorded[name].sq == pytest.approx(t.square().sum().item(), rel=1e-5)
+
+
+def test_without_earlier_pruning_every_target_gives_the_pruned_fit():
+    """Layer 0's attention block sees the dense model's own inputs: dense = residual = pruned."""
+    model = tiny_model("llama", 6, 2, layers=2)
+    windows = random_windows(8, 16)
+    weights = {}
+    for target in ("pruned", "dense", "residual"):
+        m = copy.deepcopy(model)
+        config = PruneConfig(
+            prune_method="wanda_sp", pruning_ratio=0.4, nsamples=8, compensate=True, ridge_lambda=0.01,
+            grail_target=target, calib_batch_size=3,
+        )  # fmt: skip
+        prune_model(m, windows, config, progress=False)
+        weights[target] = m.model.layers[0].self_attn.o_proj
+    for target in ("dense", "residual"):
+        torch.testing.assert_close(weights[target].weight, weights["pruned"].weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(weights[target].bias, weights["pruned"].bias, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["wanda_sp", "flap", "slimgpt", "wanda_pp_sp", "mag_sp"])
+def test_residual_target_brings_the_final_hidden_state_closer_to_the_dense_model(method):
+    model = tiny_model("llama", 6, 2, layers=3)
+    windows = random_windows(16, 24)
+    with torch.no_grad():
+        dense = model(windows, output_hidden_states=True).hidden_states[-1]
+    errors = {}
+    for target in ("pruned", "residual"):
+        m = copy.deepcopy(model)
+        config = PruneConfig(
+            prune_method=method, pruning_ratio=0.5, nsamples=16, compensate=True, ridge_lambda=0.01,
+            grail_target=target, calib_batch_size=5,
+        )  # fmt: skip
+        prune_model(m, windows, config, progress=False)
+        with torch.no_grad():
+            errors[target] = (m(windows, output_hidden_states=True).hidden_states[-1] - dense).norm().item()
+    assert errors["residual"] < errors["pruned"]
+
+
+def test_auto_target_reports_its_choice_per_consumer():
+    model = tiny_model("qwen2", 6, 3, layers=2)
+    config = PruneConfig(
+        prune_method="flap", pruning_ratio=0.4, nsamples=8, compensate=True, ridge_lambda="auto",
+        grail_target="auto", calib_batch_size=3,
+    )  # fmt: skip
+    report = prune_model(model, random_windows(8, 16), config, progress=False)
+    for row in report.blocks:
+        assert row["target"] in ("pruned", "dense", "residual", "plain")
+        errors = row["target_heldout_errors"]
+        assert set(errors) == {"pruned", "dense", "residual", "plain"}
+        best = min(errors, key=errors.get)
+        assert row["target"] == best or errors[row["target"]] == errors[best]
+        assert row["compensated"] == (row["target"] != "plain")
+
+
+def test_target_options_are_checked():
+    with pytest.raises(ConfigError, match="add --compensate"):
+        PruneConfig(grail_target="dense")
+    with pytest.raises(ConfigError, match="use it with --ridge_lambda auto"):
+        PruneConfig(grail_target="auto", compensate=True, ridge_lambda=0.01)
+    assert PruneConfig(grail_target="residual", compensate=True).grail_target == "residual"
