@@ -44,6 +44,8 @@ def _tensors(folder: Path) -> dict:
         {"prune_method": "wanda_sp", "compensate": True, "ridge_lambda": 0.0},
         {"prune_method": "slimgpt"},
         {"prune_method": "flap", "method_options": grail.FLAPOptions(structure="UL-UM"), "attention_unit": "query"},
+        {"prune_method": "wanda_sp", "compensate": True, "ridge_lambda": "auto", "grail_target": "auto"},
+        {"prune_method": "wanda_pp_sp", "compensate": True, "ridge_lambda": 0.01, "grail_target": "residual"},
     ],
 )
 def test_streaming_equals_in_memory(tmp_path, config):
@@ -68,7 +70,8 @@ def test_streaming_equals_in_memory(tmp_path, config):
     )
 
 
-def test_activations_spilled_to_disk_give_the_same_result_and_are_deleted(tmp_path, monkeypatch):
+@pytest.mark.parametrize("target", ["pruned", "residual"])
+def test_activations_spilled_to_disk_give_the_same_result_and_are_deleted(tmp_path, monkeypatch, target):
     import grail.calibration
 
     spilled = []
@@ -79,7 +82,12 @@ def test_activations_spilled_to_disk_give_the_same_result_and_are_deleted(tmp_pa
     for spill in (None, str(tmp_path / "acts")):
         model = tiny_model("qwen2", 6, 3)
         config = grail.PruneConfig(
-            prune_method="wanda_sp", pruning_ratio=0.3, nsamples=6, compensate=True, offload_activations=spill
+            prune_method="wanda_sp",
+            pruning_ratio=0.3,
+            nsamples=6,
+            compensate=True,
+            offload_activations=spill,
+            grail_target=target,
         )
         grail.prune_model(model, windows, config, progress=False)
         assert bool(spilled) == (spill is not None)
@@ -107,14 +115,15 @@ def test_offload_from_the_command_line(tmp_path, data_dir):
     assert main(["--model", str(source), "--offload", "--device", "cpu", "--pruning_ratio", "0.2"]) == 2
 
 
-def test_torchrun_with_two_processes_saves_the_single_process_checkpoint(tmp_path, data_dir):
+@pytest.mark.parametrize("target", ["pruned", "auto"])
+def test_torchrun_with_two_processes_saves_the_single_process_checkpoint(tmp_path, data_dir, target):
     if shutil.which("torchrun") is None:
         skip_or_fail("torchrun not on PATH (it comes with torch)")
     source = _sharded_checkpoint(tmp_path / "dense")
     common = [
         "--model", str(source), "--prune_method", "wanda_sp", "--pruning_ratio", "0.4", "--nsamples", "6",
         "--seqlen", "32", "--data_dir", str(data_dir), "--compensate", "--ridge_lambda", "auto", "--device", "cpu",
-        "--calib_batch_size", "2", "--quiet", "--eval", "--eval_samples", "4",
+        "--calib_batch_size", "2", "--quiet", "--eval", "--eval_samples", "4", "--grail_target", target,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     single = subprocess.run(

@@ -221,13 +221,17 @@ def fold_rows(ids: Tensor, limit: int, n_folds: int) -> list[tuple[int, Tensor |
     return [(fold, (folds == fold).nonzero().squeeze(1)) for fold in folds.unique().tolist()]
 
 
-def _run_to(layer: nn.Module, hidden: Tensor, kwargs: dict, consumer: str, added: str | None):
-    """``(layer input, consumer input, output of module added or None)`` of one batch, stopping at the consumer."""
+def _run_to(layer: nn.Module, hidden: Tensor, kwargs: dict, consumer: str, added: str | None, finish: bool):
+    """``(layer input, consumer input, output of module added or None, layer output or None)`` of one batch.
+
+    The pass stops at the consumer unless ``finish``.
+    """
     got: dict = {}
 
     def at_consumer(module, args):
         got["input"] = args[0]
-        raise _StopForward
+        if not finish:
+            raise _StopForward
 
     def at_added(module, args, out):
         got["added"] = out
@@ -235,14 +239,33 @@ def _run_to(layer: nn.Module, hidden: Tensor, kwargs: dict, consumer: str, added
     handles = [layer.get_submodule(consumer).register_forward_pre_hook(at_consumer)]
     if added is not None:
         handles.append(layer.get_submodule(added).register_forward_hook(at_added))
+    out = None
     try:
         x, kw = layer_inputs(layer, hidden, kwargs)
         with torch.no_grad(), contextlib.suppress(_StopForward):
-            layer(x, **kw)
+            out = layer_output(layer(x, **kw))
     finally:
         for handle in handles:
             handle.remove()
-    return x, got["input"], got.get("added")
+    return x, got["input"], got.get("added"), out
+
+
+def _accumulate(x: Tensor, ids: Tensor, targets: list[tuple[InputStats, int]]) -> None:
+    """Add a batch's inputs ``x`` to each ``(stats, limit)`` target: samples below ``limit``, by fold."""
+    for stats, limit in targets:
+        k = int((ids < limit).sum())
+        for fold, rows in fold_rows(ids, limit, stats.n_folds):
+            stats.update(x[:k] if rows is None else x[:k][rows.to(x.device)], fold=fold)
+
+
+def _store(calib: Calibration, b: int, out: Tensor) -> None:
+    """Replace batch ``b`` of the activations by a layer's outputs (written through to a spilled file)."""
+    hidden = calib.hidden[b]
+    out = out.to(device=hidden.device, dtype=hidden.dtype)
+    if calib.spill_dir is not None:
+        hidden.copy_(out)
+    else:
+        calib.hidden[b] = out
 
 
 def run_paired(
@@ -254,6 +277,8 @@ def run_paired(
     added: str | None,
     limit: int,
     on_batch,
+    taps: list[tuple[InputStats, int]] = (),
+    advance_dense: bool = False,
 ) -> None:
     """Run a layer being pruned and its dense copy side by side up to a consumer, batch by batch.
 
@@ -263,20 +288,30 @@ def run_paired(
     and in its dense copy, and the drift of the block's residual input (dense minus pruned, in
     float64): the layer's input, plus the output of the submodule ``added`` (``o_proj``, whose
     output the LLaMA layout adds to the residual stream before the MLP block).
+
+    ``taps`` (``(stats, limit)`` pairs) accumulate the consumer's input in the layer as
+    :func:`run_layer`'s taps do, over every batch they need, in the same pass. With
+    ``advance_dense`` the dense copy runs to the end of the layer and its outputs replace the
+    dense stream's activations (the stream moves on to the next layer in the same pass).
     """
-    for b, dense_hidden in enumerate(dense.hidden):
-        ids = calib.ids[b]
+    needed = max([limit, *(lim for _, lim in taps)])
+    for b, ids in enumerate(calib.ids):
+        if int(ids[0]) >= needed:
+            break
+        x, h, o, _ = _run_to(layer, calib.hidden[b], calib.kwargs[b], consumer, added, finish=False)
+        _accumulate(h, ids, list(taps))
+        if b >= len(dense.hidden):
+            continue
         if not torch.equal(ids, dense.ids[b]):
             raise RuntimeError("the dense and pruned calibration streams hold different samples")
+        x_d, h_d, o_d, out = _run_to(dense_layer, dense.hidden[b], dense.kwargs[b], consumer, added, advance_dense)
         k = int((ids < limit).sum())
-        if k == 0:
-            break
-        x, h, o = _run_to(layer, calib.hidden[b], calib.kwargs[b], consumer, added)
-        x_d, h_d, o_d = _run_to(dense_layer, dense_hidden, dense.kwargs[b], consumer, added)
         drift = x_d[:k].to(torch.float64) - x[:k].to(torch.float64)
         if added is not None:
             drift += o_d[:k].to(torch.float64) - o[:k].to(torch.float64)
         on_batch(ids[:k], h[:k], h_d[:k], drift)
+        if advance_dense:
+            _store(dense, b, out)
 
 
 def run_layer(
@@ -298,11 +333,7 @@ def run_layer(
 
     def make_hook(targets):
         def hook(module, args):
-            x, ids = args[0], current["ids"]
-            for stats, limit in targets:
-                k = int((ids < limit).sum())
-                for fold, rows in fold_rows(ids, limit, stats.n_folds):
-                    stats.update(x[:k] if rows is None else x[:k][rows.to(x.device)], fold=fold)
+            _accumulate(args[0], current["ids"], targets)
             if module is stop_at:
                 raise _StopForward
 
@@ -324,11 +355,7 @@ def run_layer(
                 except _StopForward:
                     continue
                 if update:
-                    out = out.to(device=hidden.device, dtype=hidden.dtype)
-                    if calib.spill_dir is not None:
-                        hidden.copy_(out)  # write through to the memory-mapped file
-                    else:
-                        calib.hidden[b] = out
+                    _store(calib, b, out)
     finally:
         for handle in handles:
             handle.remove()

@@ -320,11 +320,14 @@ class _LayerStep:
     report: PruneReport
     dense_stream: Calibration | None = None  # the dense model's activations (for targets other than "pruned")
     dense_layer: nn.Module | None = None  # the current layer as it was before pruning, while it is pruned
+    advance_dense: bool = False  # whether the dense stream moves on after this layer
+    dense_advanced: bool = False
 
     def __call__(self, layer: nn.Module, index: int, n_layers: int, dense: dict[str, InputStats | None]) -> None:
         method = self.method
         if self.dense_stream is not None:
             self.dense_layer = copy.deepcopy(layer)  # one layer, not a second model
+            self.advance_dense, self.dense_advanced = index + 1 < n_layers, False
         blocks = layer_blocks(self.arch, index, layer, self.config.attention_unit)
         n_remove = method.allocator.allocate(
             index, n_layers, blocks["attn"].units(), blocks["mlp"].units(), _linear_params(self.arch, layer)
@@ -351,7 +354,7 @@ class _LayerStep:
                 self._compensate_late(item)
         layer.to(dtype)
         if self.dense_layer is not None:
-            if index + 1 < n_layers:  # the dense stream moves on to the next layer's inputs
+            if self.advance_dense and not self.dense_advanced:  # no MLP pass moved the dense stream on
                 with self.timer.section("calibration"):
                     run_layer(self.dense_layer, self.dense_stream, update=True)
                 self.report.layer_passes += 1
@@ -373,20 +376,23 @@ class _LayerStep:
     ) -> _Deferred | None:
         policy, timer, method = self.policy, self.timer, self.method
         where, mean_bias = self._where(block), self._mean_bias()
-        gram_stats = None
+        gram_stats, targets = None, {}
         if self.calib is not None:
             wants_selection = selection is None and (method.uses_activations or mean_bias)
-            with timer.section("calibration"):
-                collected, gram_stats = _block_stats(
-                    layer, block.consumer, self.calib, self.config, policy, wants_selection, method.selector.needs_gram
-                )
+            collected, gram_stats, taps = _block_taps(
+                block.consumer, self.config, policy, wants_selection, method.selector.needs_gram
+            )
+            if policy.dense_targets:  # one pass beside the dense layer collects the taps too
+                targets = self._targets(layer, block, taps)
+            elif taps:
+                with timer.section("calibration"):
+                    run_layer(layer, self.calib, [(block.consumer, taps)], stop_at=block.consumer)
             self.report.layer_passes += 1
             for stats in {id(s): s for s in (collected, gram_stats) if s is not None}.values():
                 stats.all_reduce()  # data-parallel runs: sum over processes
                 stats.check_finite(where)
             if selection is None:
                 selection = collected
-        targets = self._targets(layer, block) if policy.dense_targets else {}
         with timer.section("pruning"):
             gradient = extra.gradient if extra is not None else None
             decision: Decision = method.selector.select(block, Evidence(selection, gradient), n_remove)
@@ -429,11 +435,13 @@ class _LayerStep:
             return _Deferred(block, dense_weight, kept_columns, selection, gram_stats, targets, self.report.blocks[-1])
         return None
 
-    def _targets(self, layer: nn.Module, block: Block) -> dict[str, TargetStats]:
+    def _targets(self, layer: nn.Module, block: Block, taps: list[tuple[InputStats, int]]) -> dict[str, TargetStats]:
         """Moments of the dense-model targets of a block's consumer, from the pruned and dense layers side by side.
 
         ``dense``: the dense consumer's output ``W0 h_d`` (bias excluded: it stays the bias
         the fit shifts); ``residual``: that plus the drift of the block's residual input.
+        The same pass fills ``taps`` (the consumer's input statistics) and, at the layer's MLP
+        block, moves the dense stream on to the next layer.
         """
         names = self.policy.dense_targets
         consumer = block.consumer
@@ -444,6 +452,7 @@ class _LayerStep:
         consumer_name = self.arch.consumer_names()[block.kind]
         added = self.arch.consumer_names()["attn"] if block.kind == "mlp" else None
         dense_weight = self.dense_layer.get_submodule(consumer_name).weight.to(device, torch.float64)
+        advance = block.kind == "mlp" and self.advance_dense
 
         def on_batch(ids: Tensor, inputs: Tensor, dense_inputs: Tensor, drift: Tensor) -> None:
             dense_out = dense_inputs.to(device, torch.float64) @ dense_weight.T
@@ -465,8 +474,11 @@ class _LayerStep:
                 added,
                 self.config.gram_nsamples,
                 on_batch,
+                taps,
+                advance_dense=advance,
             )
-        self.report.layer_passes += 1
+        self.dense_advanced |= advance
+        self.report.layer_passes += 1  # the dense copy's pass (the pruned layer's is counted by the caller)
         for s in stats.values():
             s.all_reduce()
             s.check_finite(self._where(block))
@@ -493,33 +505,28 @@ class _LayerStep:
         item.row.update(update.notes)
 
 
-def _block_stats(
-    layer: nn.Module,
+def _block_taps(
     consumer: nn.Linear,
-    calib: Calibration,
     config: PruneConfig,
     policy: CompensationPolicy,
     wants_selection: bool,
     selection_gram: bool,
-) -> tuple[InputStats | None, InputStats | None]:
-    """Statistics of a consumer's inputs, collected in one pass that stops at the consumer.
+) -> tuple[InputStats | None, InputStats | None, list[tuple[InputStats, int]]]:
+    """The statistics of a consumer's inputs a block needs, and the taps that fill them in one pass.
 
     Returns (selection statistics over ``nsamples`` windows, with a Gram matrix when
     ``selection_gram``, or None unless ``wants_selection``; Gram statistics over
-    ``comp_nsamples`` windows, or None without compensation). When both cover the same
-    windows they are one object.
+    ``comp_nsamples`` windows, or None without compensation; the ``(stats, windows)`` taps).
+    When both cover the same windows they are one object.
     """
     device, dim = consumer.weight.device, consumer.in_features
     wants_gram = policy.compensate
     if wants_gram and (not wants_selection or config.gram_nsamples == config.nsamples):
         both = InputStats(dim, gram=True, device=device, n_folds=policy.folds)
-        run_layer(layer, calib, [(consumer, [(both, config.gram_nsamples)])], stop_at=consumer)
-        return (both if wants_selection else None), both
+        return (both if wants_selection else None), both, [(both, config.gram_nsamples)]
     selection = InputStats(dim, gram=selection_gram, device=device) if wants_selection else None
     gram_stats = InputStats(dim, gram=True, device=device, n_folds=policy.folds) if wants_gram else None
-    targets = [(selection, config.nsamples)] if selection is not None else []
+    taps = [(selection, config.nsamples)] if selection is not None else []
     if gram_stats is not None:
-        targets.append((gram_stats, config.gram_nsamples))
-    if targets:
-        run_layer(layer, calib, [(consumer, targets)], stop_at=consumer)
-    return selection, gram_stats
+        taps.append((gram_stats, config.gram_nsamples))
+    return selection, gram_stats, taps

@@ -1,0 +1,145 @@
+"""What fitting towards the dense model (``--grail_target``) gains and costs, in one process.
+
+For every calibration size, method and ratio given, prunes the same model with the same
+calibration windows once per target (``pruned``, today's fit; ``dense``; ``residual``; and
+``auto``, the per-consumer choice), all with ``--ridge_lambda auto``, and reports for each:
+WikiText-2 perplexity (and the other datasets given for the ratios given), the pruning time
+and the growth of peak resident memory while pruning, both as ratios to the ``pruned`` run,
+and which target ``auto`` chose how often. With ``--zero_shot_ratios`` the best target's
+0-shot mean accuracy is measured beside ``pruned``'s.
+
+    python bench/bench_targets.py --data_dir ../shared/data --methods flap,wanda_sp --ratios 0.5 \\
+        --calibration 16x256,64x256 --out results/targets/smollm2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import grail
+from grail.data import resolve_data_dir
+from grail.evaluate.zero_shot import zero_shot
+from grail.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+from grail.timing import Timer
+
+TARGETS = ("pruned", "dense", "residual", "auto")
+
+
+def prune_once(dense, windows, config: grail.PruneConfig) -> tuple:
+    """(pruned model, report, seconds, timer, bytes the peak resident memory grew by while pruning)."""
+    model, timer = copy.deepcopy(dense), Timer()
+    reset_peak_rss()
+    before = rss_bytes() or 0
+    started = time.perf_counter()
+    report = grail.prune_model(model, windows, config, timer=timer, progress=False)
+    elapsed = time.perf_counter() - started
+    grown = (peak_rss_bytes() or 0) - before
+    return model, report, elapsed, timer, grown
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data_dir", default=None)
+    parser.add_argument("--methods", default="flap,wanda_sp")
+    parser.add_argument("--ratios", default="0.5")
+    parser.add_argument("--calibration", default="16x256", help="comma-separated NxSEQLEN calibration sizes")
+    parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument("--eval_seqlen", type=int, default=256)
+    parser.add_argument("--eval_samples", type=int, default=64)
+    parser.add_argument("--more_datasets", default="ptb,c4", help="also evaluated for --more_ratios")
+    parser.add_argument("--more_ratios", default="0.5")
+    parser.add_argument(
+        "--zero_shot_ratios", default="", help="ratios whose pruned and best target get 0-shot accuracy"
+    )
+    parser.add_argument("--zero_shot_limit", type=int, default=200)
+    parser.add_argument("--calib_batch_size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    dense, tokenizer = grail.load_model(args.model, dtype=torch.float32, device="cpu")
+    more_ratios = {float(r) for r in args.more_ratios.split(",") if r}
+    zero_shot_ratios = {float(r) for r in args.zero_shot_ratios.split(",") if r}
+    cells = []
+    for calibration in args.calibration.split(","):
+        nsamples, seqlen = (int(v) for v in calibration.split("x"))
+        windows, _ = grail.calibration_data(tokenizer, "wikitext2", nsamples, seqlen, data_dir=args.data_dir)
+        for method in args.methods.split(","):
+            for ratio in (float(r) for r in args.ratios.split(",")):
+                datasets = ["wikitext2", *(args.more_datasets.split(",") if ratio in more_ratios else [])]
+                runs, models = {}, {}
+                for target in args.targets.split(","):
+                    config = grail.PruneConfig(
+                        prune_method=method,
+                        pruning_ratio=ratio,
+                        nsamples=nsamples,
+                        compensate=True,
+                        ridge_lambda="auto",
+                        grail_target=target,
+                        calib_batch_size=args.calib_batch_size,
+                    )
+                    model, report, elapsed, timer, grown = prune_once(dense, windows, config)
+                    ppl = {
+                        name: grail.evaluate_perplexity(
+                            model, tokenizer, name, args.eval_seqlen, args.data_dir, args.eval_samples, progress=False
+                        )["ppl"]
+                        for name in datasets
+                    }
+                    chosen = collections.Counter(b.get("target", target) for b in report.blocks)
+                    runs[target] = {
+                        "ppl": ppl,
+                        "prune_s": elapsed,
+                        "timings": timer.as_dict(),
+                        "peak_growth": grown,
+                        "chosen": dict(chosen),
+                    }
+                    models[target] = model
+                    print(json.dumps({"calibration": calibration, "method": method, "ratio": ratio, target: ppl}))
+                base = runs["pruned"]
+                cell = {
+                    "calibration": calibration,
+                    "method": method,
+                    "ratio": ratio,
+                    "ppl": {t: {d: round(v, 3) for d, v in r["ppl"].items()} for t, r in runs.items()},
+                    "ppl_over_pruned": {
+                        t: round(r["ppl"]["wikitext2"] / base["ppl"]["wikitext2"], 4) for t, r in runs.items()
+                    },
+                    "time_over_pruned": {t: round(r["prune_s"] / base["prune_s"], 3) for t, r in runs.items()},
+                    "prune_s": {t: round(r["prune_s"], 1) for t, r in runs.items()},
+                    "peak_growth_mib": {t: round(r["peak_growth"] / 2**20, 1) for t, r in runs.items()},
+                    "peak_over_pruned": {
+                        t: round(r["peak_growth"] / base["peak_growth"], 3) if base["peak_growth"] > 0 else None
+                        for t, r in runs.items()
+                    },
+                    "auto_chose": runs.get("auto", {}).get("chosen"),
+                }
+                if ratio in zero_shot_ratios:
+                    best = min(runs, key=lambda t: runs[t]["ppl"]["wikitext2"])
+                    cell["zero_shot"] = {}
+                    for target in dict.fromkeys(("pruned", best)):
+                        scores = zero_shot(
+                            models[target],
+                            tokenizer,
+                            limit=args.zero_shot_limit,
+                            data_dir=resolve_data_dir(args.data_dir),
+                        )
+                        cell["zero_shot"][target] = {k: scores[k] for k in ("mean_acc", "mean_acc_norm")}
+                print(json.dumps(cell), flush=True)
+                cells.append(cell)
+                del models
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"cells": cells}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
