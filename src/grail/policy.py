@@ -102,6 +102,47 @@ class CompensationPolicy:
         shift = mean_bias_shift(weight, selection.mean, kept_columns) if mean_bias else None
         return ConsumerUpdate(weight[:, kept_columns], add_bias(bias, shift))
 
+    def _held_out_choice(
+        self,
+        weight: Tensor,
+        kept_columns: Tensor,
+        gram_stats: InputStats,
+        targets: dict[str, TargetStats],
+        mean_bias: bool,
+        where: str,
+        start_lambda: float | None,
+    ) -> tuple[str | None, float, dict]:
+        """``--ridge_lambda auto`` (and ``--grail_target auto``): (target, or None where the guard keeps
+        plain pruning; lambda; the report's notes)."""
+        fit_name = "affine" if self.affine else ("seed" if self.fit == "seed" else "linear")
+        folds = gram_stats.fold_moments()
+        target_folds = {name: stats.fold_moments() for name, stats in targets.items()}
+        common = {"where": where, "prior": self.prior, "search": self.lambda_search, "start": start_lambda}
+        if self.target == "auto":
+            picked = choose_target(weight, folds, kept_columns, fit_name, mean_bias, target_folds, **common)
+            target = picked.target
+            choice = picked.choices[target or "pruned"]
+            extra = {
+                "target": target or "plain",
+                "target_heldout_errors": picked.errors | {"plain": picked.plain_error},
+                "target_lambdas": {name: c.lam for name, c in picked.choices.items()},
+            }
+        else:
+            choice = choose_lambda(
+                weight, folds, kept_columns, fit_name, mean_bias, target=self.target,
+                target_folds=target_folds.get(self.target), **common,
+            )  # fmt: skip
+            target = self.target if choice.compensate else None
+            extra = {"target": self.target} if self.target != "pruned" else {}
+        notes = {
+            "lambda": choice.lam,
+            "heldout_error": choice.heldout_error,
+            "plain_heldout_error": choice.plain_error,
+            "compensated": target is not None,
+            "heldout_errors": {f"{lam:g}": err for lam, err in choice.errors.items()},
+        }
+        return target, choice.lam, notes | extra
+
     def update(
         self,
         weight: Tensor,
@@ -127,58 +168,14 @@ class CompensationPolicy:
         kept_columns = kept_columns.to(weight.device)
         notes: dict = {}
         lam, target = self.ridge_lambda, self.target
-        fit_name = "affine" if self.affine else ("seed" if self.fit == "seed" else "linear")
-        target_folds = {name: stats.fold_moments() for name, stats in (targets or {}).items()}
-        if lam == "auto" and target == "auto":
-            picked = choose_target(
-                weight,
-                gram_stats.fold_moments(),
-                kept_columns,
-                fit_name,
-                mean_bias,
-                target_folds,
-                where=where,
-                prior=self.prior,
-                search=self.lambda_search,
-                start=start_lambda,
-            )
-            target = picked.target or "pruned"
-            choice = picked.choices[target]
-            notes = {
-                "target": picked.target or "plain",
-                "target_heldout_errors": picked.errors | {"plain": picked.plain_error},
-                "target_lambdas": {name: c.lam for name, c in picked.choices.items()},
-            }
-            compensated = picked.target is not None
-        elif lam == "auto":
-            choice = choose_lambda(
-                weight,
-                gram_stats.fold_moments(),
-                kept_columns,
-                fit_name,
-                mean_bias,
-                where=where,
-                prior=self.prior,
-                search=self.lambda_search,
-                start=start_lambda,
-                target=target,
-                target_folds=target_folds.get(target),
-            )
-            notes = {"target": target} if target != "pruned" else {}
-            compensated = choice.compensate
         if lam == "auto":
-            notes = {
-                "lambda": choice.lam,
-                "heldout_error": choice.heldout_error,
-                "plain_heldout_error": choice.plain_error,
-                "compensated": compensated,
-                "heldout_errors": {f"{lam:g}": err for lam, err in choice.errors.items()},
-            } | notes
-            if not compensated:  # the guard: keep the uncompensated consumer
+            target, lam, notes = self._held_out_choice(
+                weight, kept_columns, gram_stats, targets or {}, mean_bias, where, start_lambda
+            )
+            if target is None:  # the guard: keep the uncompensated consumer
                 plain = self.plain(weight, bias, kept_columns, selection, mean_bias, refit)
                 notes["solve_s"] = round(time.perf_counter() - started, 4)
                 return ConsumerUpdate(plain.weight, plain.bias, notes)
-            lam = choice.lam
         elif target != "pruned":
             notes["target"] = target
         target_moments = targets[target].moments() if target != "pruned" else None
