@@ -115,6 +115,8 @@ def main() -> None:
                     },
                     "time_over_pruned": {t: round(r["prune_s"] / base["prune_s"], 3) for t, r in runs.items()},
                     "prune_s": {t: round(r["prune_s"], 1) for t, r in runs.items()},
+                    "calibration_s": {t: round(r["timings"].get("calibration", 0.0), 1) for t, r in runs.items()},
+                    "compensation_s": {t: round(r["timings"].get("compensation", 0.0), 1) for t, r in runs.items()},
                     "peak_growth_mib": {t: round(r["peak_growth"] / 2**20, 1) for t, r in runs.items()},
                     "peak_over_pruned": {
                         t: round(r["peak_growth"] / base["peak_growth"], 3) if base["peak_growth"] > 0 else None
