@@ -456,8 +456,9 @@ class _LayerStep:
 
         def on_batch(ids: Tensor, inputs: Tensor, dense_inputs: Tensor, drift: Tensor) -> None:
             dense_out = dense_inputs.to(device, torch.float64) @ dense_weight.T
-            values = {"dense": dense_out, "residual": dense_out + drift.to(device)} if "residual" in names else {}
-            values.setdefault("dense", dense_out)
+            values = {"dense": dense_out}
+            if "residual" in names:
+                values["residual"] = dense_out + drift.to(device)
             for fold, rows in fold_rows(ids, self.config.gram_nsamples, self.policy.folds):
                 for name in names:
                     t = values[name] if rows is None else values[name][rows.to(device)]
