@@ -224,7 +224,7 @@ def fit_consumer(
         affine,
         w[:, kept] if prior == "pruned" else None,
     )
-    return system.solve(lam, where)
+    return system.solve(lam, where, overwrite=True)  # the system is this call's own: no K x K copy
 
 
 def mean_bias_shift(weight: Tensor, mean: Tensor, kept: Tensor) -> Tensor:
@@ -336,7 +336,10 @@ class CrossValidation:
             (t["pruned"][1] - self.w_kept @ t["sums_p"]) / max(t["count"], 1) if mean_bias else None
             for t in self.trains
         ]
-        self._fits: dict[tuple[int, float], dict[str, ConsumerFit]] = {}
+        # Per (fold, lambda): each (fit target, scored target)'s error terms. A fold's fits are
+        # scored on every target as soon as they are solved and then dropped, so no more than one
+        # fold's fits are alive (keeping them cost candidates x folds x targets O x K floats).
+        self._terms: dict[tuple[int, float | None], dict[tuple[str, str], tuple[float, float | None]]] = {}
         self._errors: dict[tuple[float | None, str, str], float] = {}
 
     def _system(self, i: int, names: tuple[str, ...]) -> RidgeSystem:
@@ -359,22 +362,45 @@ class CrossValidation:
             prior,
         )
 
-    def candidate(self, i: int, lam: float | None, target: str = "pruned") -> ConsumerFit:
-        """Fold ``i``'s fit towards ``target`` at ``lam`` on the training folds (``None``: the uncompensated consumer)."""
+    def candidate(self, i: int, lam: float | None) -> dict[str, ConsumerFit]:
+        """Fold ``i``'s fits at ``lam`` on the training folds, by target (``None``: the uncompensated consumer)."""
         if lam is None:
-            return ConsumerFit(self.w_kept, self.shifts[i])
+            return dict.fromkeys(self.targets, ConsumerFit(self.w_kept, self.shifts[i]))
+        solved = self._system(i, self.targets).solve(lam, self.where, overwrite=True)  # one factorisation
+        rows = self.w_kept.shape[0]
+        fits = {}
+        for j, name in enumerate(self.targets):
+            part = slice(j * rows, (j + 1) * rows)
+            bias = solved.bias_shift[part] if solved.bias_shift is not None else None
+            if self.fit == "seed":
+                bias = self.shifts[i]
+            fits[name] = ConsumerFit(solved.weight[part], bias, solved.jitter)
+        return fits
+
+    def _fold_terms(self, i: int, lam: float | None) -> dict[tuple[str, str], tuple[float, float | None]]:
+        """Fold ``i``'s held-out error of each target's fit at ``lam`` against each target: (weight term, bias term)."""
         key = (i, lam)
-        if key not in self._fits:  # one factorisation serves every target
-            solved = self._system(i, self.targets).solve(lam, self.where, overwrite=True)
-            rows = self.w_kept.shape[0]
-            self._fits[key] = {}
-            for j, name in enumerate(self.targets):
-                part = slice(j * rows, (j + 1) * rows)
-                bias = solved.bias_shift[part] if solved.bias_shift is not None else None
-                if self.fit == "seed":
-                    bias = self.shifts[i]
-                self._fits[key][name] = ConsumerFit(solved.weight[part], bias, solved.jitter)
-        return self._fits[key][target]
+        if key not in self._terms:
+            f = self.stats[i]
+            terms = {}
+            for target, c in self.candidate(i, lam).items():
+                new_w = c.weight
+                quadratic = float((new_w @ f["gram_pp"] * new_w).sum())  # the same whatever it is scored on
+                for score_on in self.targets:
+                    cross, t_sums, sq = f[score_on]
+                    weight_term = sq - 2 * float((new_w * cross).sum()) + quadratic
+                    bias_term = None
+                    if c.bias_shift is not None:
+                        d = c.bias_shift
+                        bias_term = -2 * float(d @ (t_sums - new_w @ f["sums_p"])) + f["count"] * float(
+                            d.square().sum()
+                        )
+                    terms[(target, score_on)] = (weight_term, bias_term)
+                if lam is None:  # the uncompensated consumer is the same for every target
+                    terms |= {(other, s): terms[(target, s)] for other in self.targets for s in self.targets}
+                    break
+            self._terms[key] = terms
+        return self._terms[key]
 
     def heldout_error(self, lam: float | None, target: str = "pruned", score_on: str | None = None) -> float:
         """Summed held-out error of the fit towards ``target`` at ``lam``, against ``score_on`` (default: ``target``)."""
@@ -383,14 +409,11 @@ class CrossValidation:
         if key in self._errors:
             return self._errors[key]
         err = 0.0
-        for i, f in enumerate(self.stats):
-            c = self.candidate(i, lam, target)
-            new_w = c.weight
-            cross, t_sums, sq = f[score_on]
-            err += sq - 2 * float((new_w * cross).sum()) + float((new_w @ f["gram_pp"] * new_w).sum())
-            if c.bias_shift is not None:
-                d = c.bias_shift
-                err += -2 * float(d @ (t_sums - new_w @ f["sums_p"])) + f["count"] * float(d.square().sum())
+        for i in range(len(self.stats)):
+            weight_term, bias_term = self._fold_terms(i, lam)[(target, score_on)]
+            err += weight_term
+            if bias_term is not None:
+                err += bias_term
         self._errors[key] = err
         return err
 
