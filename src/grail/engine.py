@@ -31,6 +31,7 @@ from grail import distributed
 from grail.calibration import Calibration, InMemoryLayers, capture_layer_inputs, fold_rows, run_layer, run_paired
 from grail.config import PruneConfig
 from grail.errors import GrailError
+from grail.memory import return_freed_memory
 from grail.methods import Block, Decision, Evidence, Method, make_method
 from grail.models.arch import ArchSpec, arch_for, layer_shape, linear_param_count
 from grail.policy import CompensationPolicy
@@ -215,6 +216,7 @@ def prune_model(
             calib.release()
             if spilled is not None:
                 spilled.release()
+        return_freed_memory()  # the statistics and activations are gone: evaluation starts from the model's size
     report.params_after = linear_param_count(arch, model)
     return report
 

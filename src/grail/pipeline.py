@@ -232,6 +232,7 @@ def results(
             "removed_fraction": report.removed_fraction,
         },
         "timings": timings,
+        "memory": timer.memory(),
         "calibration": {
             "source": workload.calibration_source,
             "windows": report.calibration_windows,

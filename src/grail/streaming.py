@@ -10,8 +10,6 @@ activations themselves spill to memory-mapped files when they do not fit in memo
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import logging
 from pathlib import Path
@@ -22,6 +20,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from grail.errors import GrailError
+from grail.memory import return_freed_memory
 from grail.models.arch import ArchSpec, arch_for
 from grail.models.modeling_grail import CLASSES
 from grail.models.saving import check_finite, checkpoint_layout, finish_checkpoint, verify_checksums
@@ -105,13 +104,7 @@ class LayerStreamer:
             prefix = self._prefix(index)
             self.writer.write(f"layer-{index:05d}.safetensors", {prefix + k: v for k, v in layer.state_dict().items()})
         layer.to("meta")
-        _return_freed_memory()
-
-
-def _return_freed_memory() -> None:
-    """Hand freed heap memory back to the system (glibc keeps it otherwise, and memory creeps up layer by layer)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return_freed_memory()  # else memory creeps up layer by layer
 
 
 def meta_model(folder: str | Path, device, dtype: torch.dtype) -> nn.Module:
