@@ -434,6 +434,7 @@ def _bad_values(f):
 UNCONSTRAINED = {
     "model", "data_dir", "device", "save_model", "output_json", "offload_activations", "seed", "compensate",
     "bias_compensation", "eval", "zero_shot", "offload", "compensate_first", "ridge_lambda", "save_gguf", "speed",
+    "dry_run",
 }  # fmt: skip
 
 

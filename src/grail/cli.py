@@ -295,8 +295,59 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def build_plan_parser() -> argparse.ArgumentParser:
+    """``grail plan``: the run's flags, plus the memory to plan for."""
+    p = build_parser()
+    p.prog = "grail plan"
+    p.description = (
+        "Predict the peak memory of each stage of a run (device and host) and its time in plain forward passes, "
+        "from the model's configuration alone (no weights are read); say whether it fits the memory given and "
+        "which settings would make it fit."
+    )
+    g = p.add_argument_group("plan")
+    g.add_argument("--device_memory", type=float, default=None, help="GiB of memory on the compute device (CUDA)")
+    g.add_argument("--host_memory", type=float, default=None, help="GiB of host memory")
+    g.add_argument("--processes", type=int, default=1, help="torchrun processes (ranks) of a data-parallel run")
+    return p
+
+
+def _plan(args: argparse.Namespace, device_memory: float | None, host_memory: float | None) -> int:
+    from grail.pipeline import write_json
+    from grail.plan import format_plan, model_shape, plan_run, setting_from_config
+
+    config = config_from_args(args)
+    processes = getattr(args, "processes", 1)
+    if processes < 1:
+        raise GrailError(f"--processes must be at least 1, got {processes}.")
+    for flag, value in (("--device_memory", device_memory), ("--host_memory", host_memory)):
+        if value is not None and not value > 0:
+            raise GrailError(f"{flag} must be a positive number of GiB, got {value}.")
+    plan = plan_run(model_shape(config.model), setting_from_config(config, processes), device_memory, host_memory)
+    print(format_plan(plan))
+    if config.output_json:
+        write_json(config.output_json, plan.as_dict())
+    return 0
+
+
+def _available_memory(device: str | None) -> tuple[float | None, float | None]:
+    """GiB available now on the compute device (CUDA) and the host, for --dry_run's verdict."""
+    import torch
+
+    from grail.calibration import available_ram
+
+    host = available_ram() / 2**30 or None
+    gpu = None
+    if (device or "").startswith("cuda") or (device is None and torch.cuda.is_available()):
+        gpu = torch.cuda.mem_get_info(torch.device(device or "cuda"))[0] / 2**30
+    return gpu, host
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "plan":
+        args = build_plan_parser().parse_args(argv[1:])
+        _set_up_logging(args)
+        return _guarded(lambda: _plan(args, args.device_memory, args.host_memory))
     if argv and argv[0] == "export":
         args = build_export_parser().parse_args(argv[1:])
         _set_up_logging(args)
@@ -309,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         return _guarded(lambda: _speed(args))
     args = build_parser().parse_args(argv)
     _set_up_logging(args)
+    if args.dry_run:
+        return _guarded(lambda: _plan(args, *_available_memory(args.device)))
 
     def job() -> int:
         from grail.pipeline import run

@@ -27,6 +27,7 @@ PRIORS = ("zero", "pruned")  # what the ridge penalty pulls the reconstruction t
 LAMBDA_SEARCHES = ("local", "full")  # how --ridge_lambda auto walks its grid
 GRAIL_TARGETS = ("pruned", "dense", "residual", "auto")  # what a compensated consumer reproduces
 ATTENTION_UNITS = ("group", "query")
+STATS_DEVICES = ("device", "host")  # where --stats_device keeps the Gram matrices
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # weight formats of --save_gguf
 DATA_DIR_ENV = "GRAIL_DATA_DIR"
 
@@ -209,6 +210,14 @@ class PruneConfig:
         minimum=1,
     )
     calib_batch_size: int = option(8, "calibration windows per forward batch", minimum=1)
+    stats_device: str = option(
+        "device",
+        "where the float64 Gram matrices (and the dense-target cross moments) accumulate: device (the compute "
+        "device) or host (CPU memory: each batch's product is copied over and the solves bring one matrix at a time "
+        "to the device; for GPUs that cannot hold every fold's Gram matrix beside the model). Same results.",
+        group="compensation",
+        choices=STATS_DEVICES,
+    )
     offload_activations: str | None = option(
         None,
         "keep calibration activations in memory-mapped files in this folder (automatic, in a temporary folder, "
@@ -342,6 +351,12 @@ class RunConfig:
     )
     output_json: str | None = option(
         None, "write the results to this JSON file", group="evaluation and output", parse=str
+    )
+    dry_run: bool = option(
+        False,
+        "print the plan of the run (predicted peak memory per stage and time, as 'grail plan') and exit without "
+        "loading any weights",
+        group="evaluation and output",
     )
     offload: bool = option(
         False,

@@ -448,8 +448,10 @@ class _LayerStep:
         names = self.policy.dense_targets
         consumer = block.consumer
         device = consumer.weight.device
+        cross_device = statistics_device(self.config, device)
         stats = {
-            name: TargetStats(consumer.out_features, consumer.in_features, device, self.policy.folds) for name in names
+            name: TargetStats(consumer.out_features, consumer.in_features, device, self.policy.folds, cross_device)
+            for name in names
         }
         consumer_name = self.arch.consumer_names()[block.kind]
         added = self.arch.consumer_names()["attn"] if block.kind == "mlp" else None
@@ -524,12 +526,20 @@ def _block_taps(
     """
     device, dim = consumer.weight.device, consumer.in_features
     wants_gram = policy.compensate
+    grams = statistics_device(config, device)
     if wants_gram and (not wants_selection or config.gram_nsamples == config.nsamples):
-        both = InputStats(dim, gram=True, device=device, n_folds=policy.folds)
+        both = InputStats(dim, gram=True, device=device, n_folds=policy.folds, gram_device=grams)
         return (both if wants_selection else None), both, [(both, config.gram_nsamples)]
     selection = InputStats(dim, gram=selection_gram, device=device) if wants_selection else None
-    gram_stats = InputStats(dim, gram=True, device=device, n_folds=policy.folds) if wants_gram else None
+    gram_stats = (
+        InputStats(dim, gram=True, device=device, n_folds=policy.folds, gram_device=grams) if wants_gram else None
+    )
     taps = [(selection, config.nsamples)] if selection is not None else []
     if gram_stats is not None:
         taps.append((gram_stats, config.gram_nsamples))
     return selection, gram_stats, taps
+
+
+def statistics_device(config: PruneConfig, compute: torch.device) -> torch.device:
+    """Where a consumer's Gram matrices and cross moments accumulate (``--stats_device``)."""
+    return torch.device("cpu") if config.stats_device == "host" else compute

@@ -172,6 +172,8 @@ class CompensationPolicy:
             target, lam, notes = self._held_out_choice(
                 weight, kept_columns, gram_stats, targets or {}, mean_bias, where, start_lambda
             )
+            for stats in (gram_stats, *(targets or {}).values()):
+                stats.merge_folds()  # the folds are done with: their total needs no matrix of its own
             if target is None:  # the guard: keep the uncompensated consumer
                 plain = self.plain(weight, bias, kept_columns, selection, mean_bias, refit)
                 notes["solve_s"] = round(time.perf_counter() - started, 4)

@@ -22,6 +22,13 @@ def _total(tensors: list[Tensor]) -> Tensor:
     return total
 
 
+def _total_in_place(tensors: list[Tensor]) -> Tensor:
+    """:func:`_total`, accumulated into the first tensor."""
+    for t in tensors[1:]:
+        tensors[0].add_(t)
+    return tensors[0]
+
+
 class NonFiniteStatisticsError(GrailError, FloatingPointError):
     """A NaN or Inf reached the calibration statistics."""
 
@@ -31,17 +38,26 @@ class InputStats:
 
     ``n_folds > 1`` keeps the token count, feature sums and Gram matrix per fold of
     calibration samples (for choosing the ridge penalty on held-out folds); the totals
-    are their sums.
+    are their sums. ``gram_device`` keeps the Gram matrices elsewhere than ``device`` (host
+    memory beside a GPU): each batch's product is computed where the inputs are and added there.
     """
 
-    def __init__(self, dim: int, gram: bool, device: torch.device | str = "cpu", n_folds: int = 1):
+    def __init__(
+        self,
+        dim: int,
+        gram: bool,
+        device: torch.device | str = "cpu",
+        n_folds: int = 1,
+        gram_device: torch.device | str | None = None,
+    ):
         self.dim = dim
+        gram_device = device if gram_device is None else gram_device
         self.sq_sum = torch.zeros(dim, dtype=torch.float64, device=device)
         self.fold_counts = [0] * n_folds
         self.fold_sums = [torch.zeros(dim, dtype=torch.float64, device=device) for _ in range(n_folds)]
         self.fold_grams: list[Tensor] | None = None
         if gram:
-            self.fold_grams = [torch.zeros(dim, dim, dtype=torch.float64, device=device) for _ in range(n_folds)]
+            self.fold_grams = [torch.zeros(dim, dim, dtype=torch.float64, device=gram_device) for _ in range(n_folds)]
 
     @property
     def n_folds(self) -> int:
@@ -61,11 +77,24 @@ class InputStats:
         self.fold_sums[fold] += xm.sum(dim=0, dtype=torch.float64)
         self.sq_sum += xm.square().sum(dim=0, dtype=torch.float64)
         if self.fold_grams is not None:
-            self.fold_grams[fold].add_(xm.T @ xm)
+            gram = self.fold_grams[fold]
+            gram.add_((xm.T @ xm).to(gram.device))
 
     @property
     def count(self) -> int:
         return sum(self.fold_counts)
+
+    def merge_folds(self) -> None:
+        """Add the folds into the first one, in place, once their split is no longer needed.
+
+        The total then costs no matrix of its own (the same sums, in the same order, as :attr:`gram`).
+        """
+        if self.n_folds == 1:
+            return
+        self.fold_counts = [self.count]
+        self.fold_sums = [_total_in_place(self.fold_sums)]
+        if self.fold_grams is not None:
+            self.fold_grams = [_total_in_place(self.fold_grams)]
 
     @property
     def sum(self) -> Tensor:
@@ -131,8 +160,18 @@ class TargetStats:
     cross-validation's output sketch, all in float64 (see :class:`grail.compensate.TargetMoments`).
     """
 
-    def __init__(self, out_dim: int, in_dim: int, device: torch.device | str = "cpu", n_folds: int = 1):
-        self.fold_cross = [torch.zeros(out_dim, in_dim, dtype=torch.float64, device=device) for _ in range(n_folds)]
+    def __init__(
+        self,
+        out_dim: int,
+        in_dim: int,
+        device: torch.device | str = "cpu",
+        n_folds: int = 1,
+        cross_device: torch.device | str | None = None,
+    ):
+        cross_device = device if cross_device is None else cross_device
+        self.fold_cross = [
+            torch.zeros(out_dim, in_dim, dtype=torch.float64, device=cross_device) for _ in range(n_folds)
+        ]
         self.fold_sums = [torch.zeros(out_dim, dtype=torch.float64, device=device) for _ in range(n_folds)]
         self.fold_sq = torch.zeros(n_folds, dtype=torch.float64, device=device)
         self.fold_sketch_sq = torch.zeros(n_folds, dtype=torch.float64, device=device)
@@ -146,11 +185,21 @@ class TargetStats:
         """Add tokens' targets ``[n, O]`` and the consumer's inputs ``[n, H]`` to ``fold``."""
         t = target.reshape(-1, target.shape[-1]).to(torch.float64)
         h = inputs.reshape(-1, inputs.shape[-1]).to(t)
-        self.fold_cross[fold].add_(t.T @ h)
+        cross = self.fold_cross[fold]
+        cross.add_((t.T @ h).to(cross.device))
         self.fold_sums[fold] += t.sum(dim=0)
         self.fold_sq[fold] += t.square().sum()
         sketched = t if self.sketch is None else t @ self.sketch.T
         self.fold_sketch_sq[fold] += sketched.square().sum()
+
+    def merge_folds(self) -> None:
+        """Add the folds into the first one, in place (see :meth:`InputStats.merge_folds`)."""
+        if self.n_folds == 1:
+            return
+        self.fold_cross = [_total_in_place(self.fold_cross)]
+        self.fold_sums = [_total_in_place(self.fold_sums)]
+        self.fold_sq = self.fold_sq.sum().reshape(1)
+        self.fold_sketch_sq = self.fold_sketch_sq.sum().reshape(1)
 
     def _moments(self, i: int) -> TargetMoments:
         return TargetMoments(

@@ -1,0 +1,528 @@
+"""Plan a run before making it: predicted peak memory per stage, and a time estimate.
+
+From a model's configuration alone (no weights read) and the run's flags, :func:`plan_run`
+lists each stage of the job (loading, calibration capture, the dense scoring pass,
+statistics per block, the solves and their cross-validation, surgery, evaluation, saving)
+with the bytes it holds on the compute device and on the host, named term by term, says
+which stage sets the peak, whether it fits the memory given, and which settings would make
+it fit. The terms follow what the code allocates (see :mod:`grail.engine`,
+:mod:`grail.stats`, :mod:`grail.compensate`); their constants were measured on CPU runs of
+SmolLM2-135M and of synthetic LLaMA- and Qwen2-shaped models (``bench/bench_plan.py``,
+README "Planning a run").
+
+Bytes are what the run holds, including the Python runtime's own resident memory
+(:data:`RUNTIME_BYTES`); activations spilled to memory-mapped files are counted apart
+(page cache the system reclaims under pressure), not in the peak.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+from grail.config import PruneConfig, RunConfig
+from grail.errors import GrailError
+
+GIB = 2**30
+F64 = 8
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Resident memory of the Python process with torch, transformers and GRAIL imported and a
+# tokenizer and the tokenised text loaded, before any weight (measured: 0.38 GiB after the imports
+# and 0.58 GiB with WikiText-2 tokenised, on the CPU machines here); a
+# CUDA process also holds the CUDA context and kernels on the host and on the device.
+RUNTIME_BYTES = {"cpu": int(0.58 * GIB), "cuda": int(3.0 * GIB)}
+CUDA_CONTEXT_BYTES = int(0.6 * GIB)
+# A decoder layer's forward pass holds about this many [batch, seqlen, intermediate + hidden]
+# tensors at once in its compute dtype (gate and up outputs, their product, the residual and
+# normalised copies; attention runs fused, without a seqlen x seqlen matrix). Measured 3.6-4.4.
+FORWARD_TENSORS = 4.0
+# A safetensors load keeps the mapped file pages resident while the model's tensors fill.
+LOAD_COPIES = {"safetensors": 1.0, "gguf": 2.0}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The widths of a LLaMA-family decoder, read from its configuration."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied_embeddings: bool
+    file_dtype: str | None = None  # the dtype the checkpoint stores, when its config says
+    qkv_bias: bool = False  # Qwen2's q/k/v biases
+
+    @classmethod
+    def from_config(cls, config) -> ModelShape:
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(
+            layers=config.num_hidden_layers,
+            hidden=config.hidden_size,
+            intermediate=config.intermediate_size,
+            heads=heads,
+            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            vocab=config.vocab_size,
+            tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            file_dtype=_dtype_name(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)),
+            qkv_bias=config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False)),
+        )
+
+    @property
+    def attention_width(self) -> int:
+        return self.heads * self.head_dim
+
+    def layer_params(self, keep: float = 1.0) -> int:
+        """Parameters of one decoder layer with a share ``keep`` of its heads and channels."""
+        d, a, kv, i = self.hidden, self.attention_width, self.kv_heads * self.head_dim, self.intermediate
+        biases = (a + 2 * kv) if self.qkv_bias else 0
+        return int(keep * (2 * d * a + 2 * d * kv + 3 * d * i + biases)) + 2 * d
+
+    @property
+    def rest_params(self) -> int:
+        """Embeddings, output head (unless tied) and final norm."""
+        return self.vocab * self.hidden * (1 if self.tied_embeddings else 2) + self.hidden
+
+    def params(self, keep: float = 1.0) -> int:
+        return self.layers * self.layer_params(keep) + self.rest_params
+
+
+def _dtype_name(value) -> str | None:
+    return None if value is None else str(value).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What the plan needs to know about the run besides the model."""
+
+    prune: PruneConfig
+    seqlen: int
+    dtype: str = "float32"
+    device: str = "cpu"  # cpu or cuda
+    mode: str = "memory"  # memory or streaming (--offload)
+    spill: bool = False  # calibration activations in memory-mapped files
+    processes: int = 1  # torchrun ranks (each holds the model; activations are shared out)
+    eval_windows: int = 0  # 0: no evaluation
+    eval_batch_size: int = 16
+    save: bool = False
+    source: str = "safetensors"  # or gguf (dequantised on load)
+    device_memory: int | None = None  # bytes of the CUDA device, when known (where activations go)
+
+    @property
+    def weight_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+
+@dataclass
+class Stage:
+    """One stage's bytes on the compute device and on the host, by named term."""
+
+    name: str
+    device: dict[str, int] = field(default_factory=dict)
+    host: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def device_bytes(self) -> int:
+        return sum(self.device.values())
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(self.host.values())
+
+
+def _method_traits(prune: PruneConfig) -> dict:
+    from grail.methods import make_method
+
+    method = make_method(prune)
+    return {
+        "activations": method.uses_activations,
+        "scoring_pass": method.allocator.is_global and method.selector.uses_activations,
+        "selection_gram": method.selector.needs_gram,
+        "transforms": bool(method.transforms),
+    }
+
+
+def stages(shape: ModelShape, s: Setting) -> list[Stage]:
+    """The stages of a run and what each holds (the terms of :func:`plan_run`)."""
+    p, w = s.prune, s.weight_bytes
+    traits = _method_traits(p)
+    ranks = s.processes
+    keep = 1.0 - p.pruning_ratio
+    d, i_w, a_w = shape.hidden, shape.intermediate, shape.attention_width
+    layer = shape.layer_params() * w
+    rest = shape.rest_params * w
+    model = shape.params() * w
+    streaming = s.mode == "streaming"
+    # transformers maps a safetensors file of the run's dtype on the CPU without copying: pages
+    # become resident as they are read, and the input embedding only at the calibration tokens' rows.
+    zero_copy = s.device == "cpu" and s.source == "safetensors" and shape.file_dtype == s.dtype and not streaming
+    unread = shape.vocab * d * w if zero_copy and not shape.tied_embeddings else 0
+    pruned_model = shape.params(keep) * w - unread
+    resident_model = layer + rest if streaming else model - unread
+    # The mapping stays while any tensor of the file lives (the embeddings do), so the pages of
+    # pruned layers stay resident beside their new, smaller tensors (clean file pages, which the
+    # system can drop under pressure; counted here because the resident set shows them).
+    pruned_copies = shape.layers * shape.layer_params(keep) * w if zero_copy else 0
+
+    needed = p.windows_needed(traits["activations"])
+    per_rank = math.ceil(needed / ranks) if needed else 0
+    activations = per_rank * s.seqlen * d * w
+    dense_copy = math.ceil(p.gram_nsamples / ranks) * s.seqlen * d * w
+    on_disk = s.spill
+    host_stats = p.stats_device == "host" and s.device == "cuda"
+    compensate, auto = p.compensate, p.compensate and p.ridge_lambda == "auto"
+    folds = p.cv_folds if auto else 1
+    targets = 0 if not compensate or p.grail_target == "pruned" else (2 if p.grail_target == "auto" else 1)
+    batch_tokens = min(p.calib_batch_size, max(per_rank, 1)) * s.seqlen
+
+    def forward(tokens: int, width: int) -> int:
+        return int(FORWARD_TENSORS * tokens * (width + d) * w)
+
+    # Activations stay on a CUDA device only when they take under a quarter of its free memory
+    # (grail.calibration's rule); else they live on the host and go to the device a batch at a time.
+    on_host = False
+    if s.device == "cuda" and s.device_memory is not None:
+        on_host = activations >= 0.25 * (s.device_memory - resident_model - CUDA_CONTEXT_BYTES)
+
+    def stored(n: int) -> dict[str, int]:
+        if on_disk or on_host:
+            return {"a batch of activations": batch_tokens * d * w}
+        return {"calibration activations": n}
+
+    out: list[Stage] = []
+    load = Stage("loading")
+    if streaming:
+        load.device["embeddings, head and one layer"] = rest + layer
+    elif not zero_copy:  # read into new tensors (cast, or dequantised from GGUF) while the file is mapped
+        load.device["weights"] = model
+        load.host["file being read"] = int((LOAD_COPIES[s.source] - (1 if s.device == "cpu" else 0)) * model)
+    out.append(load)
+    if needed:
+        capture = Stage("calibration capture", {"weights": resident_model, **stored(activations)})
+        capture.device["embedding pass"] = 2 * batch_tokens * d * w
+        out.append(capture)
+        if traits["scoring_pass"]:
+            scoring = Stage("scoring pass (dense model)", {"weights": resident_model, **stored(2 * activations)})
+            scoring.device["layer forward"] = forward(batch_tokens, i_w)
+            scoring.device["selection statistics"] = 2 * shape.layers * (i_w + a_w) * 3 * F64
+            out.append(scoring)
+
+    for kind, width, out_dim in (("attention", a_w, d), ("MLP", i_w, d)):
+        kept = max(1, round(keep * width))
+        block = Stage(f"statistics, {kind} block", {"weights": resident_model})
+        home = block.host if host_stats else block.device  # where the float64 matrices accumulate
+        if pruned_copies:
+            block.device["pruned layers' new tensors (dense pages still mapped)"] = pruned_copies
+        if needed:
+            block.device |= stored(activations + (dense_copy if targets else 0))
+            block.device["layer forward"] = forward(batch_tokens, i_w if kind == "MLP" else a_w)
+            # float64 on the CPU, float32 on CUDA (grail.stats); a copy by fold with several folds
+            exact = F64 if s.device == "cpu" else 4
+            block.device["a batch's consumer inputs in the product's dtype"] = batch_tokens * width * exact
+            if folds > 1:
+                block.device["a batch's consumer inputs by fold"] = batch_tokens * width * w
+        if compensate:
+            home[f"Gram matrices ({folds} fold(s))"] = folds * width * width * F64
+            block.device["Gram product of a batch"] = width * width * (F64 if s.device == "cpu" else 4)
+        if traits["selection_gram"] and (not compensate or p.gram_nsamples != p.nsamples):
+            block.device["selection Gram matrix"] = width * width * F64
+        if targets:
+            block.device["dense copy of the layer"] = layer
+            home[f"target cross moments ({targets} x {folds} fold(s))"] = targets * folds * out_dim * width * F64
+        if traits["transforms"]:  # a float32 layer with gradients and the optimiser's two moments
+            block.device["regional optimisation (float32 layer, gradients, moments)"] = 4 * shape.layer_params() * 4
+        out.append(block)
+        if traits["selection_gram"]:  # SlimGPT's OBS: damped Hessian, its factor and inverse, an identity
+            selection = _after(block, f"selection, {kind} block")
+            selection.device["Hessian, factor, inverse and identity (float64)"] = 5 * width * width * F64
+            selection.device["consumer weights in float64"] = out_dim * width * F64
+            out.append(selection)
+        if compensate:
+            out += _solve_stages(kind, width, kept, out_dim, folds, targets, auto, block)
+    surgery = Stage("surgery", {"weights": resident_model + pruned_copies, "a consumer's new weights": d * i_w * F64})
+    out.append(surgery)
+    if s.eval_windows:
+        weights = rest + layer if streaming else (resident_model + pruned_copies if zero_copy else pruned_model)
+        evaluation = Stage("evaluation", {"weights": weights})
+        tokens = (s.eval_batch_size if not streaming else math.ceil(s.eval_windows / ranks)) * s.seqlen
+        evaluation.device["activations of the windows in flight"] = tokens * d * w
+        evaluation.device["layer forward"] = forward(min(tokens, s.eval_batch_size * s.seqlen), int(keep * i_w))
+        evaluation.device["logits of one window (float32)"] = 2 * s.seqlen * shape.vocab * 4
+        out.append(evaluation)
+    if s.save and not streaming:
+        out.append(Stage("saving", {"weights": pruned_model}, {"serialised copy": pruned_model}))
+    runtime = RUNTIME_BYTES[s.device]
+    for stage in out:
+        if on_host and "a batch of activations" in stage.device:
+            stage.host["calibration activations"] = activations + (dense_copy if targets else 0)
+        stage.host["Python runtime"] = runtime
+        if s.device == "cuda":
+            stage.device["CUDA context"] = CUDA_CONTEXT_BYTES
+        else:  # the compute device is the host
+            stage.host |= stage.device
+            stage.device = {}
+    return out
+
+
+def _after(block: Stage, name: str) -> Stage:
+    """A stage that follows a block's statistics pass: what the block accumulated is still held."""
+    kept = lambda terms: {k: v for k, v in terms.items() if "forward" not in k and "batch" not in k}  # noqa: E731
+    return Stage(name, kept(block.device), kept(block.host))
+
+
+def _solve_stages(kind, width, kept, out_dim, folds, targets, auto, block) -> list[Stage]:
+    """The consumer's cross-validation (``--ridge_lambda auto``) and final solve, with the block's statistics held."""
+    k1, out = kept + 1, []
+    matrices_on_host = any(k.startswith("Gram matrices") for k in block.host) and bool(block.device)
+    if auto:
+        cv = _after(block, f"cross-validation, {kind} block")
+        cv.device["consumer weights in float64"] = out_dim * width * F64
+        if matrices_on_host:
+            cv.device["a fold's Gram matrix, brought over"] = width * width * F64
+        cv.device["W G of a fold"] = out_dim * width * F64
+        cv.device["folds' kept-unit Gram blocks and their total"] = (folds + 1) * kept * kept * F64
+        cv.device["training system and its factor"] = 2 * k1 * k1 * F64
+        cv.device["a fold's fits (every target)"] = (1 + targets) * out_dim * k1 * F64
+        out.append(cv)
+    solve = _after(block, f"solve, {kind} block")
+    solve.device["consumer weights in float64"] = out_dim * width * F64
+    if matrices_on_host:  # the folds were added into one in place (grail.stats): no total of its own
+        solve.device["total Gram matrix, brought over"] = width * width * F64
+    solve.device["kept rows (or columns) of G"] = kept * width * F64
+    solve.device["system and its factor"] = 2 * k1 * k1 * F64
+    solve.device["right-hand side and solution"] = 2 * out_dim * k1 * F64
+    out.append(solve)
+    return out
+
+
+@dataclass
+class Plan:
+    """Predicted peaks, the stage that sets them, and whether the run fits."""
+
+    model_shape: ModelShape
+    mode: str
+    peak_host_bytes: int
+    peak_device_bytes: int
+    limiting_stage: str
+    fits: bool | None
+    stages: list[dict]
+    spilled_bytes: int = 0
+    suggestions: list[str] = field(default_factory=list)
+    time: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["model_shape"] = asdict(self.model_shape)
+        return out
+
+
+def _peaks(stage_list: list[Stage]) -> tuple[int, int, str]:
+    host = max(s.host_bytes for s in stage_list)
+    device = max(s.device_bytes for s in stage_list)
+    key = (lambda s: s.device_bytes) if device else (lambda s: s.host_bytes)
+    return host, device, max(stage_list, key=key).name
+
+
+def _fits(host: int, device: int, s: Setting, device_memory: float | None, host_memory: float | None) -> bool | None:
+    checks = []
+    if host_memory is not None:
+        checks.append(host <= host_memory * GIB)
+    if device_memory is not None and s.device == "cuda":
+        checks.append(device <= device_memory * GIB)
+    return all(checks) if checks else None
+
+
+def time_estimate(shape: ModelShape, s: Setting) -> dict:
+    """Calibration passes and solve work as multiples of one plain forward pass over the calibration windows.
+
+    A rough cost model (the benchmarks' ratio): layer passes count as the share of a
+    layer's multiply-adds they compute; a consumer's solves as ``K^3 / 3`` per factorisation
+    plus ``K^2 O`` per solve, in float64 (taken as twice a float32 multiply-add).
+    """
+    p = s.prune
+    traits = _method_traits(p)
+    keep = 1.0 - p.pruning_ratio
+    tokens = p.windows_needed(traits["activations"]) * s.seqlen
+    if not tokens:
+        return {"forward_passes": 0.0, "solve_passes": 0.0, "total_passes": 0.0}
+    d, i_w, a_w = shape.hidden, shape.intermediate, shape.attention_width
+    attn_macs = 2 * d * a_w + 2 * d * shape.kv_heads * shape.head_dim
+    mlp_macs = 3 * d * i_w
+    layer_macs = attn_macs + mlp_macs
+    per_layer = (attn_macs - d * a_w) / layer_macs + (attn_macs + 2 * d * i_w) / layer_macs + 1.0
+    if p.grail_target != "pruned" and p.compensate:
+        per_layer += 1.0
+    passes = per_layer * shape.layers + (shape.layers if traits["scoring_pass"] else 0)
+    solve_macs = 0.0
+    if p.compensate:
+        factorisations = 1
+        if p.ridge_lambda == "auto":
+            factorisations += p.cv_folds * (4 if p.lambda_search == "local" else 9)
+        for width in (a_w, i_w):
+            k = keep * width
+            solve_macs += factorisations * (k**3 / 3 + k * k * d) * 2
+    model_macs = shape.layers * layer_macs * tokens
+    solve_passes = shape.layers * solve_macs / model_macs
+    return {
+        "forward_passes": round(passes / shape.layers, 2),
+        "solve_passes": round(solve_passes, 2),
+        "total_passes": round(passes / shape.layers + solve_passes, 2),
+    }
+
+
+def plan_run(
+    shape: ModelShape,
+    setting: Setting,
+    device_memory: float | None = None,
+    host_memory: float | None = None,
+    suggest: bool = True,
+) -> Plan:
+    """The predicted peaks of a run; with memory limits (GiB), whether it fits and what would make it fit."""
+    if device_memory is not None and setting.device_memory is None:
+        setting = replace(setting, device_memory=int(device_memory * GIB))
+    stage_list = stages(shape, setting)
+    host, device, limiting = _peaks(stage_list)
+    fits = _fits(host, device, setting, device_memory, host_memory)
+    spilled = 0
+    if setting.spill:
+        needed = setting.prune.windows_needed(_method_traits(setting.prune)["activations"])
+        spilled = math.ceil(needed / setting.processes) * setting.seqlen * shape.hidden * setting.weight_bytes
+    plan = Plan(
+        shape,
+        setting.mode,
+        host * (setting.processes if setting.device == "cpu" else 1),
+        device,
+        limiting,
+        fits,
+        [
+            {"stage": s.name, "device_bytes": s.device_bytes, "host_bytes": s.host_bytes, "device": s.device}
+            | {"host": s.host}
+            for s in stage_list
+        ],
+        spilled,
+        time=time_estimate(shape, setting),
+    )
+    if setting.processes > 1 and setting.device == "cpu":
+        plan.notes.append(
+            f"peak_host_bytes sums the {setting.processes} processes; each stage's figures are per process"
+        )
+    if fits is False and suggest:
+        plan.suggestions = _suggestions(shape, setting, device_memory, host_memory)
+    return plan
+
+
+def _alternatives(s: Setting) -> list[tuple[str, Setting]]:
+    """Settings that need less memory, each with the flags that choose it (gentlest first)."""
+    p = s.prune
+    out = []
+    if p.calib_batch_size > 1:
+        out.append(("--calib_batch_size 1", replace(s, prune=replace(p, calib_batch_size=1))))
+    if p.compensate and p.stats_device == "device" and s.device == "cuda":
+        out.append(("--stats_device host", replace(s, prune=replace(p, stats_device="host"))))
+    if not s.spill:
+        out.append(("--offload_activations DIR", replace(s, spill=True)))
+    if s.mode == "memory":
+        out.append(("--offload (layer streaming; needs --save_model)", replace(s, mode="streaming")))
+    if p.compensate and p.ridge_lambda == "auto":
+        if p.cv_folds > 2:
+            out.append(("--cv_folds 2", replace(s, prune=replace(p, cv_folds=2))))
+        out.append(("a fixed --ridge_lambda (e.g. 0.001)", replace(s, prune=replace(p, ridge_lambda=0.001))))
+    if p.compensate and p.grail_target != "pruned":
+        out.append(("--grail_target pruned", replace(s, prune=replace(p, grail_target="pruned"))))
+    return out
+
+
+def _suggestions(shape: ModelShape, s: Setting, device_memory, host_memory) -> list[str]:
+    """The flags (alone, then accumulated in order) that make the run fit, each with its predicted peaks."""
+    found, flags, current = [], [], s
+    for flag, alternative in _alternatives(s):
+        single = plan_run(shape, alternative, device_memory, host_memory, suggest=False)
+        if single.fits:
+            found.append(f"{flag}: {_describe(single)}")
+    if found:
+        return found
+    for flag, _ in _alternatives(s):  # none alone: combine them in order
+        current = dict(_alternatives(current)).get(flag, current)
+        flags.append(flag)
+        combined = plan_run(shape, current, device_memory, host_memory, suggest=False)
+        if combined.fits:
+            return [f"{' + '.join(flags)}: {_describe(combined)}"]
+    return ["nothing GRAIL can change fits this memory: use a machine with more memory, or fewer --nsamples"]
+
+
+def _describe(plan: Plan) -> str:
+    text = f"host {plan.peak_host_bytes / GIB:.1f} GiB"
+    if plan.peak_device_bytes:
+        text += f", device {plan.peak_device_bytes / GIB:.1f} GiB"
+    return text
+
+
+def setting_from_config(config: RunConfig, processes: int = 1, device: str | None = None) -> Setting:
+    """The :class:`Setting` of a run described by ``config`` (``processes``: torchrun ranks)."""
+    from grail.models.loading import resolve_model
+
+    device = device or config.device or "cpu"
+    if device == "auto":
+        raise GrailError("grail plan predicts one device; give --device cpu or --device cuda.")
+    eval_windows = 0
+    if config.eval_datasets:
+        eval_windows = config.eval_samples or 10**9  # the whole split; only its batch matters in memory
+    _, gguf = resolve_model(config.model) if not config.offload else (None, None)
+    return Setting(
+        prune=config.prune,
+        seqlen=config.seqlen,
+        dtype=config.dtype,
+        device="cuda" if device.startswith("cuda") else "cpu",
+        mode="streaming" if config.offload else "memory",
+        spill=config.prune.offload_activations is not None,
+        processes=processes,
+        eval_windows=eval_windows,
+        eval_batch_size=config.eval_batch_size,
+        save=config.save_model is not None and not config.offload,
+        source="gguf" if gguf else "safetensors",
+    )
+
+
+def model_shape(name: str) -> ModelShape:
+    """The shape of a model from its configuration only (a hub id's config.json, a folder, a .gguf file)."""
+    from transformers import AutoConfig
+
+    from grail.models.arch import arch_for
+    from grail.models.loading import resolve_model
+
+    location, gguf = resolve_model(name)
+    try:
+        config = AutoConfig.from_pretrained(location, **({"gguf_file": gguf} if gguf else {}))
+    except OSError as err:
+        raise GrailError(f"could not read the configuration of {name!r}: {err}") from None
+    arch_for(config)
+    return ModelShape.from_config(config)
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as a table of stages, then the verdict and suggestions."""
+    rows = [f"{'stage':44s} {'device GiB':>10s} {'host GiB':>9s}"]
+    for s in plan.stages:
+        rows.append(f"{s['stage']:44s} {s['device_bytes'] / GIB:10.2f} {s['host_bytes'] / GIB:9.2f}")
+    rows.append(
+        f"peak: host {plan.peak_host_bytes / GIB:.2f} GiB, device {plan.peak_device_bytes / GIB:.2f} GiB "
+        f"(set by: {plan.limiting_stage}); mode {plan.mode}"
+    )
+    if plan.spilled_bytes:
+        rows.append(f"spilled activations: {plan.spilled_bytes / GIB:.2f} GiB in memory-mapped files (page cache)")
+    t = plan.time
+    if t:
+        rows.append(
+            f"time: about {t['total_passes']:g} plain forward passes over the calibration windows "
+            f"({t['forward_passes']:g} in layer passes, {t['solve_passes']:g} in solves)"
+        )
+    if plan.fits is not None:
+        rows.append("fits the memory given" if plan.fits else "does NOT fit the memory given")
+    rows += [f"  to fit: {s}" for s in plan.suggestions]
+    rows += [f"  note: {n}" for n in plan.notes]
+    return "\n".join(rows)

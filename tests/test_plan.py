@@ -1,0 +1,215 @@
+"""The planner: shapes from configs, the plan's verdicts and suggestions, and its predictions against measured peaks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from grail.config import PruneConfig
+from grail.plan import GIB, ModelShape, Setting, plan_run
+
+LLAMA_2_70B = dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                   num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096)  # fmt: skip
+
+
+def _config_folder(folder: Path, **widths) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "torch_dtype": "bfloat16"} | widths))
+    return folder
+
+
+@pytest.mark.parametrize("family, tied", [("llama", False), ("qwen2", True), ("mistral", False)])
+def test_shape_counts_every_parameter(family, tied):
+    config = AutoConfig.for_model(
+        family, vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=tied,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config)
+    shape = ModelShape.from_config(config)
+    assert shape.params() == sum(p.numel() for p in model.parameters())
+    assert shape.layers * shape.layer_params(0.5) < shape.layers * shape.layer_params()
+
+
+def _setting(**prune) -> Setting:
+    base = dict(prune_method="flap", pruning_ratio=0.5, nsamples=128, compensate=True)
+    return Setting(PruneConfig(**(base | prune)), seqlen=2048, dtype="bfloat16", device="cuda")
+
+
+def test_plan_orders_settings_by_what_they_hold():
+    shape = ModelShape.from_config(AutoConfig.for_model("llama", **LLAMA_2_70B))
+    fixed = plan_run(shape, _setting(ridge_lambda=0.001))
+    auto = plan_run(shape, _setting(ridge_lambda="auto"))
+    two_folds = plan_run(shape, _setting(ridge_lambda="auto", cv_folds=2))
+    residual = plan_run(shape, _setting(ridge_lambda="auto", grail_target="residual"))
+    assert fixed.peak_device_bytes < two_folds.peak_device_bytes < auto.peak_device_bytes
+    assert residual.peak_device_bytes > auto.peak_device_bytes
+    streamed = plan_run(shape, replace(_setting(ridge_lambda="auto"), mode="streaming"))
+    assert streamed.peak_device_bytes < auto.peak_device_bytes / 2
+    # the 70B model's weights alone (about 129 GiB in bf16) are what the in-memory run must hold
+    assert auto.peak_device_bytes > shape.params() * 2
+
+
+def test_plan_says_what_makes_a_run_fit():
+    shape = ModelShape.from_config(AutoConfig.for_model("llama", **LLAMA_2_70B))
+    plan = plan_run(shape, _setting(ridge_lambda="auto"), device_memory=74.5, host_memory=59.6)
+    assert plan.fits is False
+    assert plan.limiting_stage
+    assert any("--offload" in s for s in plan.suggestions)
+    # the suggested setting fits by the same model
+    streamed_setting = replace(_setting(ridge_lambda="auto"), mode="streaming")
+    streamed = plan_run(shape, streamed_setting, device_memory=74.5, host_memory=59.6)
+    assert streamed.fits is True
+    assert plan_run(shape, _setting(), device_memory=None, host_memory=None).fits is None
+
+
+def test_grail_plan_from_a_config_alone(tmp_path, capsys):
+    from grail.cli import main
+
+    folder = _config_folder(tmp_path / "llama-2-70b", **LLAMA_2_70B)  # no weights at all
+    out = tmp_path / "plan.json"
+    argv = ["plan", "--model", str(folder), "--compensate", "--ridge_lambda", "auto", "--dtype", "bfloat16",
+            "--device", "cuda", "--device_memory", "74.5", "--host_memory", "59.6", "--output_json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "does NOT fit" in text and "--offload" in text
+    plan = json.loads(out.read_text())
+    for key in ("peak_host_bytes", "peak_device_bytes", "limiting_stage", "fits", "stages", "time", "suggestions"):
+        assert key in plan
+    assert plan["fits"] is False
+    stages = [s["stage"] for s in plan["stages"]]
+    assert stages[0] == "loading" and "solve, MLP block" in stages
+    assert plan["time"]["total_passes"] > plan["time"]["forward_passes"] > 1
+
+    assert main(["plan", "--model", str(folder), "--processes", "0"]) == 2
+    assert main(["plan", "--model", str(folder), "--host_memory", "-1"]) == 2
+    assert main(["plan", "--model", str(tmp_path / "missing")]) == 2
+
+
+def test_dry_run_prints_the_plan_and_reads_no_weights(tmp_path, capsys):
+    from grail.cli import main
+
+    folder = _config_folder(tmp_path / "config-only", **LLAMA_2_70B)
+    out = tmp_path / "plan.json"
+    assert main(["--model", str(folder), "--device", "cpu", "--dry_run", "--output_json", str(out)]) == 0
+    assert "peak: host" in capsys.readouterr().out
+    assert json.loads(out.read_text())["mode"] == "memory"
+
+
+# ---- predictions against measurements, in fresh processes ---------------------------------------
+
+MEASURED_SETTINGS = {
+    "in memory, fixed lambda": ["--prune_method", "wanda_sp", "--compensate", "--ridge_lambda", "0.001"],
+    "streaming, auto lambda": ["--prune_method", "flap", "--compensate", "--ridge_lambda", "auto", "--offload"],
+}
+
+
+@pytest.fixture(scope="module")
+def synthetic_model(smollm2_available, tmp_path_factory) -> Path:
+    """A random LLaMA-shaped model big enough that its statistics, not the Python runtime, set the peak."""
+    import torch
+    from transformers import AutoTokenizer
+
+    import grail
+    from grail.models.loading import resolve_model
+
+    location, gguf = resolve_model("smollm2-135m")
+    tokenizer = AutoTokenizer.from_pretrained(location, gguf_file=gguf)
+    config = AutoConfig.for_model(
+        "llama", vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=2,
+        num_attention_heads=12, num_key_value_heads=4, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("synthetic") / "model"
+    grail.save_pruned(AutoModelForCausalLM.from_config(config).eval(), tokenizer, folder)
+    return folder
+
+
+@pytest.mark.parametrize("setting", list(MEASURED_SETTINGS))
+def test_predicted_peak_within_15_percent_of_measured(setting, synthetic_model, data_dir, tmp_path):
+    from grail.cli import build_plan_parser, config_from_args
+    from grail.plan import model_shape, setting_from_config
+
+    out = tmp_path / "run.json"
+    argv = ["--model", str(synthetic_model), *MEASURED_SETTINGS[setting], "--pruning_ratio", "0.5",
+            "--nsamples", "16", "--seqlen", "256", "--calib_batch_size", "8", "--data_dir", str(data_dir),
+            "--eval", "--eval_samples", "2", "--eval_batch_size", "2", "--device", "cpu"]  # fmt: skip
+    if "--offload" in argv:
+        argv += ["--save_model", str(tmp_path / "pruned")]
+    child = "import sys; from grail.cli import main; sys.exit(main(sys.argv[1:]))"
+    subprocess.run(
+        [sys.executable, "-c", child, *argv, "--output_json", str(out), "-q"],
+        check=True,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+    )
+    measured = json.loads(out.read_text())["memory"]["peak_host_bytes"]
+    config = config_from_args(build_plan_parser().parse_args(argv))
+    predicted = plan_run(model_shape(config.model), setting_from_config(config)).peak_host_bytes
+    assert abs(predicted / measured - 1) <= 0.15, (predicted / GIB, measured / GIB)
+
+
+# ---- the memory cuts change no result ---------------------------------------------------------
+
+
+def test_merging_folds_gives_the_same_totals_in_place():
+    import torch
+
+    from grail.stats import InputStats, TargetStats
+
+    g = torch.Generator().manual_seed(0)
+    stats, target = InputStats(6, gram=True, n_folds=4), TargetStats(3, 6, n_folds=4)
+    for fold in range(4):
+        x = torch.randn(20, 6, generator=g)
+        stats.update(x, fold)
+        target.update(x[:, :3] * 2.0, x, fold)
+    before, target_before = stats.moments(), target.moments()
+    first = stats.fold_grams[0]
+    stats.merge_folds()
+    target.merge_folds()
+    after, target_after = stats.moments(), target.moments()
+    assert stats.n_folds == 1 and stats.fold_grams[0] is first  # no new matrix
+    assert torch.equal(after.gram, before.gram) and torch.equal(after.sums, before.sums)
+    assert after.count == before.count
+    assert torch.equal(target_after.cross, target_before.cross) and target_after.sq == target_before.sq
+
+
+@pytest.mark.parametrize("lam", ["auto", 0.01])
+def test_statistics_on_the_host_give_the_same_model(lam):
+    import torch
+    from conftest import random_windows, tiny_model
+
+    from grail.engine import prune_model
+
+    weights = {}
+    for where in ("device", "host"):
+        model = tiny_model("llama", 6, 2, layers=2)
+        config = PruneConfig(prune_method="wanda_sp", pruning_ratio=0.3, nsamples=8, compensate=True,
+                             ridge_lambda=lam, stats_device=where, grail_target="residual" if lam == "auto" else "pruned")  # fmt: skip
+        prune_model(model, random_windows(8, 16), config, progress=False)
+        weights[where] = model.state_dict()
+    assert all(torch.equal(weights["device"][k], weights["host"][k]) for k in weights["device"])
+
+
+def test_cross_validation_keeps_no_fits():
+    import torch
+
+    from grail.compensate import CrossValidation
+    from grail.stats import InputStats
+
+    g = torch.Generator().manual_seed(1)
+    stats = InputStats(8, gram=True, n_folds=4)
+    for fold in range(4):
+        stats.update(torch.randn(30, 8, generator=g), fold)
+    cv = CrossValidation(torch.randn(5, 8, generator=g), stats.fold_moments(), torch.arange(5), "affine", False)
+    choice = cv.choose(search="full")
+    assert choice.lam in choice.errors
+    # what it keeps per candidate are floats, not O x K weights
+    assert all(
+        isinstance(x, float) or x is None for terms in cv._terms.values() for pair in terms.values() for x in pair
+    )
