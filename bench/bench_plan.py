@@ -35,7 +35,7 @@ SECTIONS = {
                     "statistics, MLP block"),
     "compensation": ("cross-validation, attention block", "solve, attention block", "cross-validation, MLP block",
                      "solve, MLP block"),
-    "pruning": ("selection, attention block", "selection, MLP block", "surgery"),
+    "pruning": ("selection, attention block", "selection, MLP block", "surgery, attention block", "surgery, MLP block"),
     "evaluation": ("evaluation",),
     "save": ("saving",),
 }  # fmt: skip
@@ -80,8 +80,11 @@ def write_model(folder: Path, family: str, hidden: int, intermediate: int, layer
     grail.save_pruned(model, tokenizer, folder)
 
 
-def measure(model: str, flags: list[str], common: list[str], work: Path) -> dict:
-    """Run the main command in a fresh process; its peak resident memory and per-section peaks."""
+def measure(model: str, flags: list[str], common: list[str], work: Path, source: Path | None = None) -> dict:
+    """Run the main command in a fresh process; its peak resident memory and per-section peaks.
+
+    ``source``: a ``src`` folder of another version of GRAIL to run instead (to measure a change).
+    """
     out_json = work / "run.json"
     out_json.unlink(missing_ok=True)
     subprocess.run(["rm", "-rf", str(work / "saved")], check=True)
@@ -90,14 +93,40 @@ def measure(model: str, flags: list[str], common: list[str], work: Path) -> dict
         argv += ["--save_model", str(work / "saved")]
     child = [sys.executable, "-c", "import sys, resource; from grail.cli import main; code = main(sys.argv[1:]); "
              "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)", *argv]  # fmt: skip
-    done = subprocess.run(child, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    env = {**os.environ, "OMP_NUM_THREADS": "2"} | ({"PYTHONPATH": str(source)} if source else {})
+    done = subprocess.run(child, capture_output=True, text=True, env=env)
     if done.returncode:
         sys.exit(done.stderr[-3000:])
     maxrss = int(next(line for line in done.stdout.splitlines() if line.startswith("MAXRSS")).split()[1]) * 1024
     results = json.loads(out_json.read_text())
+    if "memory" not in results:  # a version that records no sections: the process's own high-water mark
+        return {"peak_host_bytes": maxrss, "host_peaks": {}, "argv": argv}
     # Every section restarts the kernel's high-water mark, so the peak is the highest section's.
     memory = results["memory"]
-    return {"peak_host_bytes": max(maxrss, memory["peak_host_bytes"]), "host_peaks": memory["host_peaks"], "argv": argv}
+    return {
+        "peak_host_bytes": max(maxrss, memory["peak_host_bytes"]),
+        "host_peaks": memory["host_peaks"],
+        "argv": argv,
+        "prune_total_s": results["timings"]["prune_total_s"],
+    }
+
+
+def forward_seconds(folder: Path, n: int, seqlen: int, batch: int) -> float:
+    """Seconds of one plain forward pass over ``n`` random windows (the planner's unit of time)."""
+    import time
+
+    import torch
+
+    from grail.models.loading import load_model
+
+    model, _ = load_model(str(folder))
+    windows = torch.randint(0, model.config.vocab_size, (n, seqlen), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(windows[:1, :16], use_cache=False)  # warm-up
+        start = time.perf_counter()
+        for part in windows.split(batch):
+            model(part, use_cache=False)
+    return time.perf_counter() - start
 
 
 def predict(argv: list[str]) -> dict:
@@ -112,7 +141,11 @@ def compare(predicted: dict, measured: dict) -> dict:
     for section, names in SECTIONS.items():
         if section in measured["host_peaks"]:
             rows[section] = (max(by_stage.get(n, 0) for n in names), measured["host_peaks"][section])
-    return {k: {"predicted": p, "measured": m, "error": round(p / m - 1, 3)} for k, (p, m) in rows.items()}
+    out = {k: {"predicted": p, "measured": m, "error": round(p / m - 1, 3)} for k, (p, m) in rows.items()}
+    if "forward_s" in measured:  # time, in plain forward passes over the calibration windows
+        passes = measured["prune_total_s"] / measured["forward_s"]
+        out["passes"] = {"predicted": predicted["time"]["total_passes"], "measured": round(passes, 2)}
+    return out
 
 
 def main() -> None:
@@ -124,6 +157,7 @@ def main() -> None:
     p.add_argument("--calibration", default="32x512", help="windows x tokens")
     p.add_argument("--ratio", default="0.5")
     p.add_argument("--replan", action="store_true", help="predict again for the runs measured in --out (no runs)")
+    p.add_argument("--before", type=Path, default=None, help="also measure the src folder of an earlier version")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.replan:
@@ -138,19 +172,26 @@ def main() -> None:
         if name in SHAPES:
             folder = args.out / name
             write_model(folder, *SHAPES[name])
+        forward_s = forward_seconds(folder, int(n), int(seqlen), 8)
         for setting in args.settings.split(","):
             measured = measure(str(folder), SETTINGS[setting], common, args.out)
             predicted = predict(measured["argv"])
             rows = compare(predicted, measured)
+            measured["forward_s"] = forward_s
             figures[f"{name} | {setting}"] = {
                 "rows": rows,
                 "limiting_stage": predicted["limiting_stage"],
                 "measured": measured,
             }
+            if args.before:
+                earlier = measure(str(folder), SETTINGS[setting], common, args.out, args.before)
+                figures[f"{name} | {setting}"]["before"] = earlier
+                print(f"| {name} | {setting} | peak before {earlier['peak_host_bytes'] / GIB:.2f} GiB, now "
+                      f"{measured['peak_host_bytes'] / GIB:.2f} GiB |", flush=True)  # fmt: skip
             table.append(_row(name, setting, rows, predicted["limiting_stage"]))
             print(table[-1], flush=True)
     (args.out / "plan_validation.json").write_text(json.dumps(figures, indent=2))
-    print("\n".join([HEADER, "|---" * 10 + "|", *table]))
+    print("\n".join([HEADER, "|---" * 11 + "|", *table]))
 
 
 def replan(path: Path) -> None:
@@ -163,12 +204,12 @@ def replan(path: Path) -> None:
         figures[key] |= {"rows": rows, "limiting_stage": predicted["limiting_stage"]}
         table.append(_row(*key.split(" | "), rows, predicted["limiting_stage"]))
     path.write_text(json.dumps(figures, indent=2))
-    print("\n".join([HEADER, "|---" * 10 + "|", *table]))
+    print("\n".join([HEADER, "|---" * 11 + "|", *table]))
 
 
 HEADER = (
     "| model | setting | peak predicted / measured GiB | error | calibration | compensation | pruning | "
-    "evaluation | load | predicted limiting stage |"
+    "evaluation | load | predicted limiting stage | time in forward passes, predicted / measured |"
 )
 
 
@@ -178,9 +219,10 @@ def _row(name: str, setting: str, rows: dict, limiting: str) -> str:
         return "-" if r is None else f"{r['predicted'] / GIB:.2f} / {r['measured'] / GIB:.2f}"
 
     total = rows["total"]
+    passes = f"{rows['passes']['predicted']:g} / {rows['passes']['measured']:g}" if "passes" in rows else "-"
     return (
         f"| {name} | {setting} | {cell('total')} | {100 * total['error']:+.1f}% | {cell('calibration')} | "
-        f"{cell('compensation')} | {cell('pruning')} | {cell('evaluation')} | {cell('load')} | {limiting} |"
+        f"{cell('compensation')} | {cell('pruning')} | {cell('evaluation')} | {cell('load')} | {limiting} | {passes} |"
     )
 
 

@@ -216,7 +216,7 @@ def fit_consumer(
     else:
         rhs, rhs_sums = target.cross.to(w)[:, kept], target.sums.to(w)
     system = RidgeSystem.from_products(
-        gram[kept][:, kept],
+        gram[kept.unsqueeze(1), kept],  # K x K directly, without a K x H intermediate
         sums[kept],
         moments.count,
         rhs,

@@ -188,10 +188,15 @@ def stages(shape: ModelShape, s: Setting) -> list[Stage]:
     if s.device == "cuda" and s.device_memory is not None:
         on_host = activations >= 0.25 * (s.device_memory - resident_model - CUDA_CONTEXT_BYTES)
 
-    def stored(n: int) -> dict[str, int]:
+    def store(stage: Stage, n: int) -> Stage:
+        """Add ``n`` bytes of activations where they live (a batch of them on the device otherwise)."""
         if on_disk or on_host:
-            return {"a batch of activations": batch_tokens * d * w}
-        return {"calibration activations": n}
+            stage.device["a batch of activations"] = batch_tokens * d * w
+            if on_host:
+                stage.host["calibration activations"] = n
+        else:
+            stage.device["calibration activations"] = n
+        return stage
 
     out: list[Stage] = []
     load = Stage("loading")
@@ -202,11 +207,11 @@ def stages(shape: ModelShape, s: Setting) -> list[Stage]:
         load.host["file being read"] = int((LOAD_COPIES[s.source] - (1 if s.device == "cpu" else 0)) * model)
     out.append(load)
     if needed:
-        capture = Stage("calibration capture", {"weights": resident_model, **stored(activations)})
+        capture = store(Stage("calibration capture", {"weights": resident_model}), activations)
         capture.device["embedding pass"] = 2 * batch_tokens * d * w
         out.append(capture)
         if traits["scoring_pass"]:
-            scoring = Stage("scoring pass (dense model)", {"weights": resident_model, **stored(2 * activations)})
+            scoring = store(Stage("scoring pass (dense model)", {"weights": resident_model}), 2 * activations)
             scoring.device["layer forward"] = forward(batch_tokens, i_w)
             scoring.device["selection statistics"] = 2 * shape.layers * (i_w + a_w) * 3 * F64
             out.append(scoring)
@@ -218,7 +223,7 @@ def stages(shape: ModelShape, s: Setting) -> list[Stage]:
         if pruned_copies:
             block.device["pruned layers' new tensors (dense pages still mapped)"] = pruned_copies
         if needed:
-            block.device |= stored(activations + (dense_copy if targets else 0))
+            store(block, activations + (dense_copy if targets else 0))
             block.device["layer forward"] = forward(batch_tokens, i_w if kind == "MLP" else a_w)
             # float64 on the CPU, float32 on CUDA (grail.stats); a copy by fold with several folds
             exact = F64 if s.device == "cpu" else 4
@@ -236,15 +241,16 @@ def stages(shape: ModelShape, s: Setting) -> list[Stage]:
         if traits["transforms"]:  # a float32 layer with gradients and the optimiser's two moments
             block.device["regional optimisation (float32 layer, gradients, moments)"] = 4 * shape.layer_params() * 4
         out.append(block)
+        selection = _after(block, f"selection, {kind} block")  # the block's statistics are held until surgery
         if traits["selection_gram"]:  # SlimGPT's OBS: damped Hessian, its factor and inverse, an identity
-            selection = _after(block, f"selection, {kind} block")
             selection.device["Hessian, factor, inverse and identity (float64)"] = 5 * width * width * F64
             selection.device["consumer weights in float64"] = out_dim * width * F64
-            out.append(selection)
+        out.append(selection)
         if compensate:
             out += _solve_stages(kind, width, kept, out_dim, folds, targets, auto, block)
-    surgery = Stage("surgery", {"weights": resident_model + pruned_copies, "a consumer's new weights": d * i_w * F64})
-    out.append(surgery)
+        surgery = _after(block, f"surgery, {kind} block")
+        surgery.device["the block's new, smaller projections"] = int(keep * shape.layer_params() * w / 2)
+        out.append(surgery)
     if s.eval_windows:
         weights = rest + layer if streaming else (resident_model + pruned_copies if zero_copy else pruned_model)
         evaluation = Stage("evaluation", {"weights": weights})
@@ -257,8 +263,6 @@ def stages(shape: ModelShape, s: Setting) -> list[Stage]:
         out.append(Stage("saving", {"weights": pruned_model}, {"serialised copy": pruned_model}))
     runtime = RUNTIME_BYTES[s.device]
     for stage in out:
-        if on_host and "a batch of activations" in stage.device:
-            stage.host["calibration activations"] = activations + (dense_copy if targets else 0)
         stage.host["Python runtime"] = runtime
         if s.device == "cuda":
             stage.device["CUDA context"] = CUDA_CONTEXT_BYTES
