@@ -112,7 +112,8 @@ def measure(model: str, flags: list[str], common: list[str], work: Path, source:
 
 
 def forward_seconds(folder: Path, n: int, seqlen: int, batch: int) -> float:
-    """Seconds of one plain forward pass over ``n`` random windows (the planner's unit of time)."""
+    """Seconds of one plain pass of ``n`` random windows through the decoder (the planner's unit of time; the
+    output head, which pruning never runs, is left out)."""
     import time
 
     import torch
@@ -120,12 +121,13 @@ def forward_seconds(folder: Path, n: int, seqlen: int, batch: int) -> float:
     from grail.models.loading import load_model
 
     model, _ = load_model(str(folder))
+    decoder = model.get_decoder()
     windows = torch.randint(0, model.config.vocab_size, (n, seqlen), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        model(windows[:1, :16], use_cache=False)  # warm-up
+        decoder(input_ids=windows[:1, :16], use_cache=False)  # warm-up
         start = time.perf_counter()
         for part in windows.split(batch):
-            model(part, use_cache=False)
+            decoder(input_ids=part, use_cache=False)
     return time.perf_counter() - start
 
 
@@ -152,7 +154,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", required=True)
     p.add_argument("--out", type=Path, default=Path("results/plan"))
-    p.add_argument("--models", default="llama-shaped,qwen2-shaped", help="synthetic shapes and/or model folders")
+    p.add_argument(
+        "--models", default="llama-shaped,qwen2-shaped", help="synthetic shapes and/or LABEL=FOLDER of saved models"
+    )
     p.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names of SETTINGS")
     p.add_argument("--calibration", default="32x512", help="windows x tokens")
     p.add_argument("--ratio", default="0.5")
@@ -168,7 +172,8 @@ def main() -> None:
               "--eval", "--eval_samples", "4", "--eval_batch_size", "4", "--device", "cpu"]  # fmt: skip
     table, figures = [], {}
     for name in args.models.split(","):
-        folder = Path(name)
+        name, _, path = name.partition("=")  # LABEL=FOLDER for a model on disk
+        folder = Path(path or name)
         if name in SHAPES:
             folder = args.out / name
             write_model(folder, *SHAPES[name])

@@ -157,16 +157,25 @@ def stages(shape: ModelShape, s: Setting) -> list[Stage]:
     rest = shape.rest_params * w
     model = shape.params() * w
     streaming = s.mode == "streaming"
-    # transformers maps a safetensors file of the run's dtype on the CPU without copying: pages
-    # become resident as they are read, and the input embedding only at the calibration tokens' rows.
-    zero_copy = s.device == "cpu" and s.source == "safetensors" and shape.file_dtype == s.dtype and not streaming
-    unread = shape.vocab * d * w if zero_copy and not shape.tied_embeddings else 0
-    pruned_model = shape.params(keep) * w - unread
-    resident_model = layer + rest if streaming else model - unread
-    # The mapping stays while any tensor of the file lives (the embeddings do), so the pages of
-    # pruned layers stay resident beside their new, smaller tensors (clean file pages, which the
-    # system can drop under pressure; counted here because the resident set shows them).
-    pruned_copies = shape.layers * shape.layer_params(keep) * w if zero_copy else 0
+    # A safetensors file of the run's dtype is mapped on the CPU, not copied (transformers in
+    # memory, grail.streaming layer by layer): pages become resident as they are read. Pruning
+    # never runs an untied output head, so it is not resident until evaluation reads it (the
+    # input embedding is read at the calibration tokens' rows, which with the system's
+    # read-ahead covers most of it: measured 175 of 192 MiB for 16k tokens).
+    mapped = s.device == "cpu" and s.source == "safetensors" and shape.file_dtype == s.dtype
+    embedding = shape.vocab * d * w
+    unread = embedding if mapped and not shape.tied_embeddings else 0
+    resident_model = (layer + rest if streaming else model) - unread
+    # In memory the mapping stays while any tensor of the file lives, so the pages of pruned
+    # layers stay resident beside their new, smaller tensors (clean file pages, which the system
+    # can drop under pressure; counted because the resident set shows them).
+    pruned_copies = shape.layers * shape.layer_params(keep) * w if mapped and not streaming else 0
+    if streaming:
+        evaluated = layer + rest - (embedding if mapped and not shape.tied_embeddings else 0)
+    elif mapped:
+        evaluated = resident_model + pruned_copies + embedding
+    else:
+        evaluated = shape.params(keep) * w
 
     needed = p.windows_needed(traits["activations"])
     per_rank = math.ceil(needed / ranks) if needed else 0
@@ -202,7 +211,7 @@ def stages(shape: ModelShape, s: Setting) -> list[Stage]:
     load = Stage("loading")
     if streaming:
         load.device["embeddings, head and one layer"] = rest + layer
-    elif not zero_copy:  # read into new tensors (cast, or dequantised from GGUF) while the file is mapped
+    elif not mapped:  # read into new tensors (cast, or dequantised from GGUF) while the file is mapped
         load.device["weights"] = model
         load.host["file being read"] = int((LOAD_COPIES[s.source] - (1 if s.device == "cpu" else 0)) * model)
     out.append(load)
@@ -242,25 +251,33 @@ def stages(shape: ModelShape, s: Setting) -> list[Stage]:
             block.device["regional optimisation (float32 layer, gradients, moments)"] = 4 * shape.layer_params() * 4
         out.append(block)
         selection = _after(block, f"selection, {kind} block")  # the block's statistics are held until surgery
-        if traits["selection_gram"]:  # SlimGPT's OBS: damped Hessian, its factor and inverse, an identity
-            selection.device["Hessian, factor, inverse and identity (float64)"] = 5 * width * width * F64
+        if traits["selection_gram"]:  # SlimGPT's OBS (grail.methods.slimgpt), in float64
+            selection.device["Hessian, its factor, inverse, identity and the OBS downdates"] = 6 * width * width * F64
             selection.device["consumer weights in float64"] = out_dim * width * F64
         out.append(selection)
+        if traits["selection_gram"]:  # the damped Hessian stays with the decision, for SlimGPT's own refit
+            held_for_refit = {"SlimGPT's damped Hessian, kept for its refit": width * width * F64}
+        else:
+            held_for_refit = {}
         if compensate:
-            out += _solve_stages(kind, width, kept, out_dim, folds, targets, auto, block)
+            out += _solve_stages(kind, width, kept, out_dim, folds, targets, auto, block, held_for_refit)
         surgery = _after(block, f"surgery, {kind} block")
+        surgery.device |= held_for_refit
         surgery.device["the block's new, smaller projections"] = int(keep * shape.layer_params() * w / 2)
         out.append(surgery)
     if s.eval_windows:
-        weights = rest + layer if streaming else (resident_model + pruned_copies if zero_copy else pruned_model)
-        evaluation = Stage("evaluation", {"weights": weights})
+        evaluation = Stage("evaluation", {"weights": evaluated})
         tokens = (s.eval_batch_size if not streaming else math.ceil(s.eval_windows / ranks)) * s.seqlen
         evaluation.device["activations of the windows in flight"] = tokens * d * w
         evaluation.device["layer forward"] = forward(min(tokens, s.eval_batch_size * s.seqlen), int(keep * i_w))
         evaluation.device["logits of one window (float32)"] = 2 * s.seqlen * shape.vocab * 4
         out.append(evaluation)
     if s.save and not streaming:
-        out.append(Stage("saving", {"weights": pruned_model}, {"serialised copy": pruned_model}))
+        # safetensors serialises a shard's tensors to bytes before writing (transformers' shards are <= 5 GB)
+        shard = min(shape.params(keep) * w, 5 * 10**9)
+        saving = Stage("saving", {"weights": evaluated})
+        saving.host["a shard serialised"] = shard
+        out.append(saving)
     runtime = RUNTIME_BYTES[s.device]
     for stage in out:
         stage.host["Python runtime"] = runtime
@@ -278,12 +295,14 @@ def _after(block: Stage, name: str) -> Stage:
     return Stage(name, kept(block.device), kept(block.host))
 
 
-def _solve_stages(kind, width, kept, out_dim, folds, targets, auto, block) -> list[Stage]:
-    """The consumer's cross-validation (``--ridge_lambda auto``) and final solve, with the block's statistics held."""
+def _solve_stages(kind, width, kept, out_dim, folds, targets, auto, block, extra) -> list[Stage]:
+    """The consumer's cross-validation (``--ridge_lambda auto``) and final solve, with the block's statistics
+    (and ``extra`` device terms) held."""
     k1, out = kept + 1, []
     matrices_on_host = any(k.startswith("Gram matrices") for k in block.host) and bool(block.device)
     if auto:
         cv = _after(block, f"cross-validation, {kind} block")
+        cv.device |= extra
         cv.device["consumer weights in float64"] = out_dim * width * F64
         if matrices_on_host:
             cv.device["a fold's Gram matrix, brought over"] = width * width * F64
@@ -293,6 +312,7 @@ def _solve_stages(kind, width, kept, out_dim, folds, targets, auto, block) -> li
         cv.device["a fold's fits (every target)"] = (1 + targets) * out_dim * k1 * F64
         out.append(cv)
     solve = _after(block, f"solve, {kind} block")
+    solve.device |= extra
     solve.device["consumer weights in float64"] = out_dim * width * F64
     if matrices_on_host:  # the folds were added into one in place (grail.stats): no total of its own
         solve.device["total Gram matrix, brought over"] = width * width * F64
