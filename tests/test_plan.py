@@ -87,6 +87,12 @@ def test_grail_plan_from_a_config_alone(tmp_path, capsys):
     assert stages[0] == "loading" and "solve, MLP block" in stages
     assert plan["time"]["total_passes"] > plan["time"]["forward_passes"] > 1
 
+    import grail
+
+    config = grail.RunConfig(model=str(folder), dtype="bfloat16", device="cuda",
+                             prune=PruneConfig(compensate=True, ridge_lambda="auto"))  # fmt: skip
+    assert grail.plan_config(config, 74.5, 59.6).as_dict() == plan  # the Python API gives the same plan
+
     assert main(["plan", "--model", str(folder), "--processes", "0"]) == 2
     assert main(["plan", "--model", str(folder), "--host_memory", "-1"]) == 2
     assert main(["plan", "--model", str(tmp_path / "missing")]) == 2

@@ -24,6 +24,7 @@ from grail.models.gguf_export import save_gguf
 from grail.models.loading import load_model
 from grail.models.saving import save_pruned
 from grail.pipeline import calibration_data, evaluate_perplexity, run
+from grail.plan import plan_config
 
 __version__ = "0.1.0"
 
@@ -37,6 +38,7 @@ __all__ = [
     "calibration_data",
     "evaluate_perplexity",
     "load_model",
+    "plan_config",
     "prune_model",
     "run",
     "save_gguf",

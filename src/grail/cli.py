@@ -313,7 +313,7 @@ def build_plan_parser() -> argparse.ArgumentParser:
 
 def _plan(args: argparse.Namespace, device_memory: float | None, host_memory: float | None) -> int:
     from grail.pipeline import write_json
-    from grail.plan import format_plan, model_shape, plan_run, setting_from_config
+    from grail.plan import format_plan, plan_config
 
     config = config_from_args(args)
     processes = getattr(args, "processes", 1)
@@ -322,7 +322,7 @@ def _plan(args: argparse.Namespace, device_memory: float | None, host_memory: fl
     for flag, value in (("--device_memory", device_memory), ("--host_memory", host_memory)):
         if value is not None and not value > 0:
             raise GrailError(f"{flag} must be a positive number of GiB, got {value}.")
-    plan = plan_run(model_shape(config.model), setting_from_config(config, processes), device_memory, host_memory)
+    plan = plan_config(config, device_memory, host_memory, processes)
     print(format_plan(plan))
     if config.output_json:
         write_json(config.output_json, plan.as_dict())

@@ -280,6 +280,8 @@ def stages(shape: ModelShape, s: Setting) -> list[Stage]:
         out.append(saving)
     runtime = RUNTIME_BYTES[s.device]
     for stage in out:
+        if streaming and s.device == "cuda" and stage.device.get("weights"):
+            stage.host["the layer's shard, mapped while it is copied over"] = layer
         stage.host["Python runtime"] = runtime
         if s.device == "cuda":
             stage.device["CUDA context"] = CUDA_CONTEXT_BYTES
@@ -510,6 +512,13 @@ def setting_from_config(config: RunConfig, processes: int = 1, device: str | Non
         save=config.save_model is not None and not config.offload,
         source="gguf" if gguf else "safetensors",
     )
+
+
+def plan_config(
+    config: RunConfig, device_memory: float | None = None, host_memory: float | None = None, processes: int = 1
+) -> Plan:
+    """The plan of the run ``config`` describes (memory in GiB), read from the model's configuration only."""
+    return plan_run(model_shape(config.model), setting_from_config(config, processes), device_memory, host_memory)
 
 
 def model_shape(name: str) -> ModelShape:
