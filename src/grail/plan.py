@@ -124,6 +124,7 @@ class Stage:
     name: str
     device: dict[str, int] = field(default_factory=dict)
     host: dict[str, int] = field(default_factory=dict)
+    passing: set[str] = field(default_factory=set)  # terms that live only while the pass runs
 
     @property
     def device_bytes(self) -> int:
@@ -201,6 +202,7 @@ def stages(shape: ModelShape, s: Setting) -> list[Stage]:
         """Add ``n`` bytes of activations where they live (a batch of them on the device otherwise)."""
         if on_disk or on_host:
             stage.device["a batch of activations"] = batch_tokens * d * w
+            stage.passing.add("a batch of activations")
             if on_host:
                 stage.host["calibration activations"] = n
         else:
@@ -233,15 +235,18 @@ def stages(shape: ModelShape, s: Setting) -> list[Stage]:
             block.device["pruned layers' new tensors (dense pages still mapped)"] = pruned_copies
         if needed:
             store(block, activations + (dense_copy if targets else 0))
-            block.device["layer forward"] = forward(batch_tokens, i_w if kind == "MLP" else a_w)
             # float64 on the CPU, float32 on CUDA (grail.stats); a copy by fold with several folds
             exact = F64 if s.device == "cpu" else 4
-            block.device["a batch's consumer inputs in the product's dtype"] = batch_tokens * width * exact
-            if folds > 1:
-                block.device["a batch's consumer inputs by fold"] = batch_tokens * width * w
+            passing = {
+                "layer forward": forward(batch_tokens, i_w if kind == "MLP" else a_w),
+                "a batch's consumer inputs in the product's dtype": batch_tokens * width * exact,
+                "a batch's consumer inputs by fold": batch_tokens * width * w if folds > 1 else 0,
+                "Gram product of a batch": width * width * exact if compensate else 0,
+            }
+            block.device |= {k: v for k, v in passing.items() if v}
+            block.passing |= set(passing)
         if compensate:
             home[f"Gram matrices ({folds} fold(s))"] = folds * width * width * F64
-            block.device["Gram product of a batch"] = width * width * (F64 if s.device == "cpu" else 4)
         if traits["selection_gram"] and (not compensate or p.gram_nsamples != p.nsamples):
             block.device["selection Gram matrix"] = width * width * F64
         if targets:
@@ -255,10 +260,9 @@ def stages(shape: ModelShape, s: Setting) -> list[Stage]:
             selection.device["Hessian, its factor, inverse, identity and the OBS downdates"] = 6 * width * width * F64
             selection.device["consumer weights in float64"] = out_dim * width * F64
         out.append(selection)
-        if traits["selection_gram"]:  # the damped Hessian stays with the decision, for SlimGPT's own refit
-            held_for_refit = {"SlimGPT's damped Hessian, kept for its refit": width * width * F64}
-        else:
-            held_for_refit = {}
+        held_for_refit = {}  # the damped Hessian stays with SlimGPT's decision, for its own refit
+        if traits["selection_gram"]:
+            held_for_refit["SlimGPT's damped Hessian, kept for its refit"] = width * width * F64
         if compensate:
             out += _solve_stages(kind, width, kept, out_dim, folds, targets, auto, block, held_for_refit)
         surgery = _after(block, f"surgery, {kind} block")
@@ -293,8 +297,8 @@ def stages(shape: ModelShape, s: Setting) -> list[Stage]:
 
 def _after(block: Stage, name: str) -> Stage:
     """A stage that follows a block's statistics pass: what the block accumulated is still held."""
-    kept = lambda terms: {k: v for k, v in terms.items() if "forward" not in k and "batch" not in k}  # noqa: E731
-    return Stage(name, kept(block.device), kept(block.host))
+    held = lambda terms: {k: v for k, v in terms.items() if k not in block.passing}  # noqa: E731
+    return Stage(name, held(block.device), held(block.host))
 
 
 def _solve_stages(kind, width, kept, out_dim, folds, targets, auto, block, extra) -> list[Stage]:
