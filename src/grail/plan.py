@@ -38,6 +38,9 @@ CUDA_CONTEXT_BYTES = int(0.6 * GIB)
 FORWARD_TENSORS = 4.0
 # A safetensors load keeps the mapped file pages resident while the model's tensors fill.
 LOAD_COPIES = {"safetensors": 1.0, "gguf": 2.0}
+# Tokens of each evaluation split with a 32,000-token LLaMA vocabulary; larger vocabularies give
+# fewer tokens, so these bound the windows a streamed evaluation holds (C4 has a fixed count).
+EVALUATION_TOKENS = {"wikitext2": 341_000, "ptb": 82_000}
 
 
 @dataclass(frozen=True)
@@ -500,8 +503,9 @@ def setting_from_config(config: RunConfig, processes: int = 1, device: str | Non
     if device == "auto":
         raise GrailError("grail plan predicts one device; give --device cpu or --device cuda.")
     eval_windows = 0
-    if config.eval_datasets:
-        eval_windows = config.eval_samples or 10**9  # the whole split; only its batch matters in memory
+    if config.eval_datasets:  # streamed evaluation holds every window of a dataset at once
+        whole = max(_evaluation_windows(name, config.seqlen) for name in config.eval_datasets)
+        eval_windows = min(config.eval_samples or whole, whole)
     _, gguf = resolve_model(config.model) if not config.offload else (None, None)
     return Setting(
         prune=config.prune,
@@ -516,6 +520,12 @@ def setting_from_config(config: RunConfig, processes: int = 1, device: str | Non
         save=config.save_model is not None and not config.offload,
         source="gguf" if gguf else "safetensors",
     )
+
+
+def _evaluation_windows(dataset: str, seqlen: int) -> int:
+    from grail.data import C4_EVAL_WINDOWS
+
+    return C4_EVAL_WINDOWS if dataset == "c4" else math.ceil(EVALUATION_TOKENS[dataset] / seqlen)
 
 
 def plan_config(
