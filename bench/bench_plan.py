@@ -180,9 +180,9 @@ def main() -> None:
         forward_s = forward_seconds(folder, int(n), int(seqlen), 8)
         for setting in args.settings.split(","):
             measured = measure(str(folder), SETTINGS[setting], common, args.out)
+            measured["forward_s"] = forward_s
             predicted = predict(measured["argv"])
             rows = compare(predicted, measured)
-            measured["forward_s"] = forward_s
             figures[f"{name} | {setting}"] = {
                 "rows": rows,
                 "limiting_stage": predicted["limiting_stage"],

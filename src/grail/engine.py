@@ -244,6 +244,7 @@ def _prune_layers(
                 run_layer(layer, calib, update=True)
             report.layer_passes += 1
         layer_source.release(index, layer, write=True)
+        return_freed_memory()  # else the heap keeps each layer's freed statistics and grows layer by layer
 
 
 def _cached(cache: dict | None, key: tuple, compute):
