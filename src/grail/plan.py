@@ -246,12 +246,15 @@ def stages(shape: ModelShape, s: Setting) -> list[Stage]:
             block.device["pruned layers' new tensors (dense pages still mapped)"] = pruned_copies
         if needed:
             store(block, activations + (dense_copy if targets else 0))
-            # float64 on the CPU, float32 on CUDA (grail.stats); a copy by fold with several folds
+            # The pass stops at the consumer, whose hook converts its input to the product's dtype
+            # (float64 on the CPU, float32 on CUDA: grail.stats) and, with folds, copies it by fold.
+            # The block's own intermediates are freed by then but for that input and the residual.
             exact = F64 if s.device == "cpu" else 4
+            hook = batch_tokens * width * (w + exact + (w if folds > 1 else 0)) + 2 * batch_tokens * d * w
             passing = {
-                "layer forward": forward(batch_tokens, i_w if kind == "MLP" else a_w),
-                "a batch's consumer inputs in the product's dtype": batch_tokens * width * exact,
-                "a batch's consumer inputs by fold": batch_tokens * width * w if folds > 1 else 0,
+                "layer forward, or the consumer's input and its copies (the larger)": max(
+                    forward(batch_tokens, i_w if kind == "MLP" else a_w), hook
+                ),
                 "Gram product of a batch": width * width * exact if compensate else 0,
             }
             block.device |= {k: v for k, v in passing.items() if v}
