@@ -39,6 +39,9 @@ FORWARD_TENSORS = 4.0
 # Reading a GGUF file holds its weights dequantised to float32 and more: measured 1.3 x the
 # float32 model on SmolLM2-135M's Q4_1 file.
 GGUF_LOAD_FLOAT32_COPIES = 1.3
+# SlimGPT's selection per block: Cholesky and inverse of the Hessian (about 4/3 D^3) and the OBS
+# downdates of the removed columns (about D^3 / 2 at 50%).
+OBS_CUBES = 1.8
 # Tokens of each evaluation split with a 32,000-token LLaMA vocabulary; larger vocabularies give
 # fewer tokens, so these bound the windows a streamed evaluation holds (C4 has a fixed count).
 EVALUATION_TOKENS = {"wikitext2": 341_000, "ptb": 82_000}
@@ -410,6 +413,8 @@ def time_estimate(shape: ModelShape, s: Setting) -> dict:
         for width in (a_w, i_w):
             k = keep * width
             solve_macs += factorisations * (k**3 / 3 + k * k * d) * 2
+    if traits["selection_gram"]:  # SlimGPT's OBS: the Hessian's inverse and the downdates of every removal
+        solve_macs += sum(OBS_CUBES * width**3 * 2 for width in (a_w, i_w))
     model_macs = shape.layers * layer_macs * tokens
     solve_passes = shape.layers * solve_macs / model_macs
     return {
