@@ -388,15 +388,17 @@ def time_estimate(shape: ModelShape, s: Setting) -> dict:
     """Calibration passes and solve work as multiples of one plain forward pass over the calibration windows.
 
     A rough cost model (the benchmarks' ratio): layer passes count as the share of a
-    layer's multiply-adds they compute; a consumer's solves as ``K^3 / 3`` per factorisation
-    plus ``K^2 O`` per solve, in float64 (taken as twice a float32 multiply-add).
+    layer's multiply-adds they compute; the Gram products as ``D^2`` per token and consumer
+    (float64 matrix products run at about the rate of the float32 forward pass on the CPUs
+    measured); a consumer's solves as ``K^3 / 3`` per factorisation plus ``K^2 O`` per solve,
+    counted twice (factorisations run at about half that rate).
     """
     p = s.prune
     traits = _method_traits(p)
     keep = 1.0 - p.pruning_ratio
     tokens = p.windows_needed(traits["activations"]) * s.seqlen
     if not tokens:
-        return {"forward_passes": 0.0, "solve_passes": 0.0, "total_passes": 0.0}
+        return {"forward_passes": 0.0, "gram_passes": 0.0, "solve_passes": 0.0, "total_passes": 0.0}
     d, i_w, a_w = shape.hidden, shape.intermediate, shape.attention_width
     attn_macs = 2 * d * a_w + 2 * d * shape.kv_heads * shape.head_dim
     mlp_macs = 3 * d * i_w
@@ -405,7 +407,10 @@ def time_estimate(shape: ModelShape, s: Setting) -> dict:
     if p.grail_target != "pruned" and p.compensate:
         per_layer += 1.0
     passes = per_layer * shape.layers + (shape.layers if traits["scoring_pass"] else 0)
-    solve_macs = 0.0
+    gram_macs = solve_macs = 0.0  # per layer
+    if p.compensate or traits["selection_gram"]:  # every token's Gram product, at each consumer
+        gram_tokens = (p.gram_nsamples if p.compensate else p.nsamples) * s.seqlen
+        gram_macs = gram_tokens * (a_w**2 + i_w**2)
     if p.compensate:
         factorisations = 1
         if p.ridge_lambda == "auto":
@@ -415,12 +420,13 @@ def time_estimate(shape: ModelShape, s: Setting) -> dict:
             solve_macs += factorisations * (k**3 / 3 + k * k * d) * 2
     if traits["selection_gram"]:  # SlimGPT's OBS: the Hessian's inverse and the downdates of every removal
         solve_macs += sum(OBS_CUBES * width**3 * 2 for width in (a_w, i_w))
-    model_macs = shape.layers * layer_macs * tokens
-    solve_passes = shape.layers * solve_macs / model_macs
+    layer_pass = layer_macs * tokens
+    forward, gram, solve = passes / shape.layers, gram_macs / layer_pass, solve_macs / layer_pass
     return {
-        "forward_passes": round(passes / shape.layers, 2),
-        "solve_passes": round(solve_passes, 2),
-        "total_passes": round(passes / shape.layers + solve_passes, 2),
+        "forward_passes": round(forward, 2),
+        "gram_passes": round(gram, 2),
+        "solve_passes": round(solve, 2),
+        "total_passes": round(forward + gram + solve, 2),
     }
 
 
@@ -582,7 +588,8 @@ def format_plan(plan: Plan) -> str:
     if t:
         rows.append(
             f"time: about {t['total_passes']:g} plain forward passes over the calibration windows "
-            f"({t['forward_passes']:g} in layer passes, {t['solve_passes']:g} in solves)"
+            f"({t['forward_passes']:g} in layer passes, {t['gram_passes']:g} in Gram products, "
+            f"{t['solve_passes']:g} in solves)"
         )
     if plan.fits is not None:
         rows.append("fits the memory given" if plan.fits else "does NOT fit the memory given")
