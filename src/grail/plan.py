@@ -411,6 +411,8 @@ def time_estimate(shape: ModelShape, s: Setting) -> dict:
     if p.compensate or traits["selection_gram"]:  # every token's Gram product, at each consumer
         gram_tokens = (p.gram_nsamples if p.compensate else p.nsamples) * s.seqlen
         gram_macs = gram_tokens * (a_w**2 + i_w**2)
+        if p.compensate and p.grail_target != "pruned":  # each target's cross moment, O x D per token
+            gram_macs += gram_tokens * (2 if p.grail_target == "auto" else 1) * d * (a_w + i_w)
     if p.compensate:
         factorisations = 1
         if p.ridge_lambda == "auto":
