@@ -31,3 +31,6 @@ grail sweep "${COMMON[@]}" "${SMALL[@]}" --nsamples 16 --out results/zero_shot_2
 # 7. The lambda table again with 128 calibration windows (wanda_sp).
 grail sweep "${COMMON[@]}" "${SMALL[@]}" --nsamples 128 --out results/lambda_128 --methods wanda_sp \
   --ratios 0.1,0.5 --lambdas 0,0.001,auto
+# 8. The planner: predicted against measured peaks (synthetic models), and the 7B-70B predictions.
+python bench/bench_plan.py --data_dir "$DATA" --out results/plan
+python bench/plan_table.py --out results/plan_table
