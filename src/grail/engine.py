@@ -286,6 +286,7 @@ def _plan(
 
         with timer.section("calibration"):
             dense = _cached(cache, key, scoring_pass)
+            return_freed_memory()  # the scoring pass's activations are gone; the layer loop starts lean
         report.layer_passes += len(layers) if fresh else 0
     with timer.section("pruning"):
         if not all(scored):  # statistics from the cache (layers in memory), or a selector that reads none
