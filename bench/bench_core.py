@@ -31,7 +31,7 @@ import torch
 
 import grail
 from grail.cli import add_config_options, config_from_args
-from grail.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+from grail.memory import reset_peak_rss, rss_bytes
 from grail.models.loading import model_bytes, torch_dtype
 from grail.timing import Timer
 
@@ -80,7 +80,7 @@ def main() -> None:
     report = grail.prune_model(model, windows, config, timer, progress=False)
     synchronize(device)
     prune_seconds = time.perf_counter() - start
-    peak_rss = max(peak_rss_bytes() or 0, timer.memory()["peak_host_bytes"])  # sections restart the mark
+    peak_rss = timer.memory()["peak_host_bytes"]
     figures = {
         "method": config.prune_method,
         "ratio": config.pruning_ratio,

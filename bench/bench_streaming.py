@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from grail.cli import add_config_options, config_from_args
-from grail.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+from grail.memory import reset_peak_rss, rss_bytes
 from grail.timing import Timer
 
 
@@ -106,7 +106,7 @@ def child(args: argparse.Namespace) -> None:
     timer = Timer()
     prune_streaming(args.out, args.result, windows, config, timer=timer, progress=False)
     seconds = time.perf_counter() - start
-    peak = max(peak_rss_bytes() or 0, timer.memory()["peak_host_bytes"])  # every section restarts the mark
+    peak = timer.memory()["peak_host_bytes"]
     if distributed.is_main():
         print(json.dumps({"seconds": seconds, "baseline_rss": baseline, "peak_rss": peak}))
 

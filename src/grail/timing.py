@@ -47,8 +47,13 @@ class Timer:
         return {k: round(v, 4) for k, v in self.seconds.items()}
 
     def memory(self) -> dict:
-        """Peak bytes per section on the host (and the CUDA device), and the highest of them."""
-        out: dict = {"host_peaks": dict(self.host_peaks), "peak_host_bytes": max(self.host_peaks.values(), default=0)}
+        """Peak bytes per section on the host (and the CUDA device), and the highest of them.
+
+        Every section restarts the kernel's high-water mark, so the process's own peak is the
+        highest section's, or the mark since the last section began if that is higher.
+        """
+        highest = max([*self.host_peaks.values(), peak_rss_bytes() or 0])
+        out: dict = {"host_peaks": dict(self.host_peaks), "peak_host_bytes": highest}
         if self.device_peaks:
             out |= {"device_peaks": dict(self.device_peaks), "peak_device_bytes": max(self.device_peaks.values())}
         return out
