@@ -23,6 +23,8 @@ from pathlib import Path
 from grail.cli import build_plan_parser, config_from_args
 from grail.plan import GIB, model_shape, plan_run, setting_from_config
 
+ROOT = Path(__file__).resolve().parents[1]
+
 SHAPES = {
     # name: (family, hidden, intermediate, layers, heads, kv_heads)
     "llama-shaped": ("llama", 1024, 2816, 4, 16, 4),
@@ -47,7 +49,12 @@ SETTINGS = {
     "wanda_sp auto residual": ["--prune_method", "wanda_sp", "--compensate", "--ridge_lambda", "auto",
                                  "--grail_target", "residual"],
     "flap fixed streaming": ["--prune_method", "flap", "--compensate", "--offload"],
+    "wanda_sp fixed spilled": ["--prune_method", "wanda_sp", "--compensate", "--ridge_lambda", "0.001",
+                               "--offload_activations", "{work}/spill"],
+    "flap auto 2 processes": ["--prune_method", "flap", "--compensate", "--ridge_lambda", "auto"],
 }  # fmt: skip
+# Settings run under torchrun with this many CPU processes (the others run in one process).
+PROCESSES = {"flap auto 2 processes": 2}
 
 
 def write_model(folder: Path, family: str, hidden: int, intermediate: int, layers: int, heads: int, kv: int) -> None:
@@ -80,20 +87,32 @@ def write_model(folder: Path, family: str, hidden: int, intermediate: int, layer
     grail.save_pruned(model, tokenizer, folder)
 
 
-def measure(model: str, flags: list[str], common: list[str], work: Path, source: Path | None = None) -> dict:
+def measure(
+    model: str, flags: list[str], common: list[str], work: Path, source: Path | None = None, processes: int = 1
+) -> dict:
     """Run the main command in a fresh process; its peak resident memory and per-section peaks.
 
     ``source``: a ``src`` folder of another version of GRAIL to run instead (to measure a change).
+    ``processes`` > 1: under torchrun; the figures are then per process (the largest process's
+    peak, and the first rank's sections, which its results JSON records).
     """
     out_json = work / "run.json"
     out_json.unlink(missing_ok=True)
-    subprocess.run(["rm", "-rf", str(work / "saved")], check=True)
+    subprocess.run(["rm", "-rf", str(work / "saved"), str(work / "spill")], check=True)
+    flags = [f.format(work=work) for f in flags]
     argv = ["--model", model, *flags, *common, "--output_json", str(out_json), "-q"]
     if "--offload" in flags:
         argv += ["--save_model", str(work / "saved")]
-    child = [sys.executable, "-c", "import sys, resource; from grail.cli import main; code = main(sys.argv[1:]); "
-             "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)", *argv]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "2"} | ({"PYTHONPATH": str(source)} if source else {})
+    if processes == 1:
+        child = [sys.executable, "-c", "import sys, resource; from grail.cli import main; code = main(sys.argv[1:]); "
+                 "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)", *argv]  # fmt: skip
+    else:  # the largest of the waited-for descendants: the launcher or one of its ranks
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                  "--master_port", "29533", str(ROOT / "main.py"), *argv]  # fmt: skip
+        child = [sys.executable, "-c", "import sys, resource, subprocess; code = subprocess.call(sys.argv[1:]); "
+                 "print('MAXRSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)", *launch]  # fmt: skip
+    threads = str(max(1, 2 // processes))
+    env = {**os.environ, "OMP_NUM_THREADS": threads} | ({"PYTHONPATH": str(source)} if source else {})
     done = subprocess.run(child, capture_output=True, text=True, env=env)
     if done.returncode:
         sys.exit(done.stderr[-3000:])
@@ -131,20 +150,21 @@ def forward_seconds(folder: Path, n: int, seqlen: int, batch: int) -> float:
     return time.perf_counter() - start
 
 
-def predict(argv: list[str]) -> dict:
+def predict(argv: list[str], processes: int = 1) -> dict:
     args = build_plan_parser().parse_args(argv)
     config = config_from_args(args)
-    return plan_run(model_shape(config.model), setting_from_config(config)).as_dict()
+    return plan_run(model_shape(config.model), setting_from_config(config, processes)).as_dict()
 
 
-def compare(predicted: dict, measured: dict) -> dict:
+def compare(predicted: dict, measured: dict, processes: int = 1) -> dict:
+    """Predicted against measured, per process (the plan's stages are per process; its peak sums them)."""
     by_stage = {s["stage"]: s["host_bytes"] for s in predicted["stages"]}
-    rows = {"total": (predicted["peak_host_bytes"], measured["peak_host_bytes"])}
+    rows = {"total": (predicted["peak_host_bytes"] // processes, measured["peak_host_bytes"])}
     for section, names in SECTIONS.items():
         if section in measured["host_peaks"]:
             rows[section] = (max(by_stage.get(n, 0) for n in names), measured["host_peaks"][section])
     out = {k: {"predicted": p, "measured": m, "error": round(p / m - 1, 3)} for k, (p, m) in rows.items()}
-    if "forward_s" in measured:  # time, in plain forward passes over the calibration windows
+    if "forward_s" in measured and processes == 1:  # time, in plain forward passes over the calibration windows
         passes = measured["prune_total_s"] / measured["forward_s"]
         out["passes"] = {"predicted": predicted["time"]["total_passes"], "measured": round(passes, 2)}
     return out
@@ -179,17 +199,18 @@ def main() -> None:
             write_model(folder, *SHAPES[name])
         forward_s = forward_seconds(folder, int(n), int(seqlen), 8)
         for setting in args.settings.split(","):
-            measured = measure(str(folder), SETTINGS[setting], common, args.out)
-            measured["forward_s"] = forward_s
-            predicted = predict(measured["argv"])
-            rows = compare(predicted, measured)
+            processes = PROCESSES.get(setting, 1)
+            measured = measure(str(folder), SETTINGS[setting], common, args.out, processes=processes)
+            measured |= {"forward_s": forward_s, "processes": processes}
+            predicted = predict(measured["argv"], processes)
+            rows = compare(predicted, measured, processes)
             figures[f"{name} | {setting}"] = {
                 "rows": rows,
                 "limiting_stage": predicted["limiting_stage"],
                 "measured": measured,
             }
             if args.before:
-                earlier = measure(str(folder), SETTINGS[setting], common, args.out, args.before)
+                earlier = measure(str(folder), SETTINGS[setting], common, args.out, args.before, processes)
                 figures[f"{name} | {setting}"]["before"] = earlier
                 print(f"| {name} | {setting} | peak before {earlier['peak_host_bytes'] / GIB:.2f} GiB, now "
                       f"{measured['peak_host_bytes'] / GIB:.2f} GiB |", flush=True)  # fmt: skip
@@ -204,8 +225,9 @@ def replan(path: Path) -> None:
     figures = json.loads(path.read_text())
     table = []
     for key, entry in figures.items():
-        predicted = predict(entry["measured"]["argv"])
-        rows = compare(predicted, entry["measured"])
+        processes = entry["measured"].get("processes", 1)
+        predicted = predict(entry["measured"]["argv"], processes)
+        rows = compare(predicted, entry["measured"], processes)
         figures[key] |= {"rows": rows, "limiting_stage": predicted["limiting_stage"]}
         table.append(_row(*key.split(" | "), rows, predicted["limiting_stage"]))
     path.write_text(json.dumps(figures, indent=2))
