@@ -11,7 +11,9 @@ import torch
 from grail.compensate import (
     LAMBDA_GRID,
     ConsumerFit,
+    cholesky_solve_,
     choose_lambda,
+    factor_spd,
     fit_consumer,
     grid_descent,
     mean_bias_shift,
@@ -60,6 +62,26 @@ def test_stats_match_direct_computation():
     torch.testing.assert_close(s.norm, x.norm(dim=0))
     torch.testing.assert_close(s.gram, x.T @ x)
     assert sum(s.fold_counts) == len(x)
+
+
+def test_gram_and_cross_moments_accumulate_in_row_blocks(monkeypatch):
+    """A batch's products are added a few rows at a time (no product as large as the Gram matrix): the same sums."""
+    from grail.stats import TargetStats
+
+    x, t = _data(), _data(seed=31)[:, :4]
+    whole, whole_target = InputStats(x.shape[1], gram=True), TargetStats(4, x.shape[1])
+    monkeypatch.setattr("grail.compensate.BLOCK_ELEMENTS", 2 * x.shape[1])  # two rows at a time
+    blocked, blocked_target = InputStats(x.shape[1], gram=True), TargetStats(4, x.shape[1])
+    for chunk, target in zip(x.split(50), t.split(50), strict=True):
+        blocked.update(chunk)
+        blocked_target.update(target, chunk)
+    monkeypatch.undo()
+    for chunk, target in zip(x.split(50), t.split(50), strict=True):
+        whole.update(chunk)
+        whole_target.update(target, chunk)
+    torch.testing.assert_close(blocked.gram, whole.gram, rtol=1e-14, atol=0)
+    torch.testing.assert_close(blocked_target.moments().cross, whole_target.moments().cross, rtol=1e-14, atol=0)
+    torch.testing.assert_close(blocked.gram, x.T @ x)
 
 
 def test_variance_is_not_the_aliased_running_update():
@@ -215,6 +237,65 @@ def test_singular_gram_gets_jitter_and_still_reconstructs():
     fit = _fit(x, w, torch.arange(5), 0.0, False)
     assert fit.jitter > 0
     assert ((x @ fit.weight.T) - x @ w.T).norm() / (x @ w.T).norm() < 1e-4
+
+
+def test_factor_in_place_equals_cholesky_and_rebuilds_a_singular_matrix():
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(40, 12, generator=g)
+    a = x.T @ x
+    a = (a + a.T) / 2
+    built = []
+
+    def build():
+        built.append(a.clone())
+        return built[-1]
+
+    factor, jitter = factor_spd(build)
+    assert jitter == 0.0 and len(built) == 1
+    assert factor.data_ptr() == built[0].data_ptr()  # in place: no second matrix
+    torch.testing.assert_close(factor, torch.linalg.cholesky(a), rtol=0, atol=0)
+    rhs = torch.randn(12, 5, generator=g)
+    torch.testing.assert_close(cholesky_solve_(factor, rhs.clone()), torch.linalg.solve(a, rhs), rtol=1e-9, atol=1e-9)
+    # singular: the first attempt overwrote its matrix, so the jittered one is built afresh
+    singular = torch.cat([x[:, :6], x[:, :6]], dim=1)
+    built.clear()
+    a = singular.T @ singular
+    factor, jitter = factor_spd(build)
+    assert jitter > 0 and len(built) > 1
+    rebuilt = a.clone()
+    rebuilt.diagonal().add_(jitter * a.diagonal().mean())
+    torch.testing.assert_close(factor @ factor.T, rebuilt, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("target", [False, True])
+@pytest.mark.parametrize("prior", ["zero", "pruned"])
+@pytest.mark.parametrize("affine", [False, True])
+def test_blockwise_products_equal_whole_ones(monkeypatch, affine, prior, target):
+    """W G[:, P], G[P, P], the prior and the sketched weights taken a few elements at a time give the same fits
+    and held-out errors as in one piece."""
+    from grail.compensate import TargetMoments
+
+    x = _data(n=160, h=11, seed=22)
+    w = torch.randn(140, 11, generator=torch.Generator().manual_seed(23))  # over SKETCH_ROWS: cross-validation sketches
+    kept = torch.tensor([0, 1, 3, 4, 7, 9, 10])
+    t = x @ torch.randn(11, 140, generator=torch.Generator().manual_seed(24))
+    moments = TargetMoments(t.T @ x, t.sum(0), float(t.square().sum()), float(t.square().sum())) if target else None
+    folds = _fold_stats(x, 4).fold_moments()
+
+    def run():
+        fit = fit_consumer(w, _stats(x).moments(), kept, 0.01, affine, prior=prior, target=moments)
+        choice = choose_lambda(w, folds, kept, "affine" if affine else "linear", False, prior=prior, search="full")
+        return fit, choice
+
+    whole_fit, whole_choice = run()
+    monkeypatch.setattr("grail.compensate.BLOCK_ELEMENTS", 23)  # blocks of 1-2 columns or rows
+    fit, choice = run()
+    torch.testing.assert_close(fit.weight, whole_fit.weight, rtol=1e-10, atol=1e-12)
+    if affine:
+        torch.testing.assert_close(fit.bias_shift, whole_fit.bias_shift, rtol=1e-10, atol=1e-12)
+    assert choice.lam == whole_choice.lam
+    for lam, err in whole_choice.errors.items():
+        assert choice.errors[lam] == pytest.approx(err, rel=1e-10)
 
 
 def test_solve_spd_reports_no_jitter_for_regular_systems():

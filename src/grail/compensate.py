@@ -57,6 +57,46 @@ class SingularSystemError(GrailError, RuntimeError):
 
 
 JITTERS = (0.0, 1e-12, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2)  # relative to the mean diagonal
+# Products with a consumer's weight and its Gram matrix's columns run a block of this many
+# float64 elements at a time (32 MiB), so that neither W in float64 (O x H) nor G[:, P]
+# (H x K) is ever whole: on LLaMA-2-70B's down_proj each would take 1.75-3.1 GiB.
+BLOCK_ELEMENTS = 2**22
+
+
+def factor_spd(build: Callable[[], Tensor], where: str = "") -> tuple[Tensor, float]:
+    """The lower Cholesky factor ``L`` of the symmetric positive (semi-)definite float64 ``build()``.
+
+    ``build()`` returns a new matrix at each call, which is factored in place: no second
+    K x K matrix is held. A singular matrix is built again with the smallest diagonal jitter
+    of :data:`JITTERS` (times its mean diagonal) that makes it factor; the jitter used is
+    returned so callers can report it. ``L`` is a column-major view of the built matrix.
+    """
+    scale = None
+    for jitter in JITTERS:
+        system = build()
+        if scale is None:
+            scale = system.diagonal().mean().abs().item() or 1.0
+        if jitter:
+            system.diagonal().add_(jitter * scale)
+        # LAPACK factors a column-major matrix in place; the transpose of a row-major symmetric
+        # matrix is one, of the same matrix.
+        factor, info = system.mT, torch.empty((), dtype=torch.int32, device=system.device)
+        torch.linalg.cholesky_ex(factor, out=(factor, info))
+        if int(info) == 0:
+            if jitter:
+                log.debug("%s: Gram matrix singular, factored with jitter %.0e x mean diagonal", where, jitter)
+            return factor, jitter
+    raise SingularSystemError(
+        f"{where}: could not factor the kept units' Gram matrix even with jitter {JITTERS[-1]:g}; "
+        "the calibration activations are degenerate (check the model and --dtype)."
+    )
+
+
+def cholesky_solve_(factor: Tensor, rhs: Tensor) -> Tensor:
+    """Solve ``L L^T x = rhs`` in place of ``rhs`` (K x O; column-major, such as ``(O x K).mT``, needs no copy)."""
+    torch.linalg.solve_triangular(factor, rhs, upper=False, out=rhs)
+    torch.linalg.solve_triangular(factor.mT, rhs, upper=True, out=rhs)
+    return rhs
 
 
 def solve_spd(a: Tensor, rhs: Tensor, where: str = "") -> tuple[Tensor, float]:
@@ -66,22 +106,30 @@ def solve_spd(a: Tensor, rhs: Tensor, where: str = "") -> tuple[Tensor, float]:
     diagonal) that makes it factor; the jitter used is returned so callers can report it.
     """
     a = a.to(torch.float64)
-    rhs = rhs.to(torch.float64)
-    scale = a.diagonal().mean().abs().item() or 1.0
-    for jitter in JITTERS:
-        system = a
-        if jitter:
-            system = a.clone()
-            system.diagonal().add_(jitter * scale)
-        chol, info = torch.linalg.cholesky_ex(system)
-        if int(info) == 0:
-            if jitter:
-                log.debug("%s: Gram matrix singular, factored with jitter %.0e x mean diagonal", where, jitter)
-            return torch.cholesky_solve(rhs, chol), jitter
-    raise SingularSystemError(
-        f"{where}: could not factor the kept units' Gram matrix even with jitter {JITTERS[-1]:g}; "
-        "the calibration activations are degenerate (check the model and --dtype)."
-    )
+    factor, jitter = factor_spd(a.clone, where)
+    return cholesky_solve_(factor, rhs.to(torch.float64, copy=True)), jitter
+
+
+def times_float64(weight: Tensor, right: Tensor, out: Tensor) -> Tensor:
+    """``out = W right`` in float64, with ``W`` converted a block of rows at a time (never whole)."""
+    step = max(1, BLOCK_ELEMENTS // max(weight.shape[1], 1))
+    for start in range(0, weight.shape[0], step):
+        out[start : start + step] = weight[start : start + step].to(torch.float64) @ right
+    return out
+
+
+def gather_kept(gram: Tensor, kept: Tensor, out: Tensor) -> Tensor:
+    """``out = G[P, P]`` (float64, on ``out``'s device), gathered a block of rows at a time where ``G`` lives."""
+    kept = kept.to(gram.device)
+    for block in blocks_of(len(kept), gram.shape[0]):
+        out[block] = gram[kept[block]][:, kept]
+    return out
+
+
+def blocks_of(count: int, size: int) -> list[slice]:
+    """Slices of ``count`` rows (or columns) of ``size`` elements each, at most :data:`BLOCK_ELEMENTS` elements a slice."""
+    step = max(1, BLOCK_ELEMENTS // max(size, 1))
+    return [slice(start, min(start + step, count)) for start in range(0, count, step)]
 
 
 @dataclass(frozen=True)
@@ -136,60 +184,55 @@ class ConsumerFit:
 
 @dataclass(frozen=True)
 class RidgeSystem:
-    """The normal equations of one consumer's fit, without the penalty, ready for many lambdas.
+    """The normal equations of one consumer's fit, for one solve.
 
-    ``matrix`` is ``G[P, P]`` (with the constant feature appended for the affine fit:
-    ``[[G[P, P], s[P]], [s[P]^T, N]]``) and ``rhs`` the matching ``[W G[:, P], W s]``
-    (O x K or O x (K + 1)). Building it once and adding only the penalty per candidate keeps
-    cross-validation over a grid of lambdas at one factorisation per candidate.
+    The matrix is ``G[P, P]`` (with the constant feature appended for the affine fit:
+    ``[[G[P, P], s[P]], [s[P]^T, N]]``), made anew by :meth:`matrix` from ``fill_gram`` (which
+    writes ``G[P, P]`` into the K x K block it is given) and factored in place, so a solve holds
+    one K x K matrix. ``rhs`` is the matching ``[W G[:, P], W s]`` (O x K or O x (K + 1)); when
+    ``owns_rhs`` it is overwritten by the solution.
     """
 
-    matrix: Tensor
+    fill_gram: Callable[[Tensor], object]
+    sums_p: Tensor | None  # s[P], for the affine fit
+    count: int
     rhs: Tensor
     kept_count: int
-    scale: float  # mean diagonal of G[P, P]: lambda is relative to it
-    prior: Tensor | None  # W[:, P] when the penalty pulls towards plain pruning
+    prior: Tensor | None = None  # W[:, P] (any dtype) when the penalty pulls towards plain pruning
+    owns_rhs: bool = False
 
-    @classmethod
-    def from_products(
-        cls,
-        gram_pp: Tensor,
-        sums_p: Tensor,
-        count: int,
-        wg: Tensor,
-        ws: Tensor,
-        affine: bool,
-        prior: Tensor | None = None,
-    ) -> RidgeSystem:
-        """From ``gram_pp = G[P, P]``, ``sums_p = s[P]``, ``wg = W G[:, P]`` (O x K), ``ws = W s`` (O)."""
-        k = gram_pp.shape[0]
-        if affine:
-            matrix = torch.empty(k + 1, k + 1, dtype=gram_pp.dtype, device=gram_pp.device)
-            matrix[:k, :k] = gram_pp
-            matrix[:k, k] = sums_p
-            matrix[k, :k] = sums_p
-            matrix[k, k] = float(count)
-            rhs = torch.cat([wg, ws.unsqueeze(1)], dim=1)
-        else:
-            matrix, rhs = gram_pp, wg
-        return cls(matrix, rhs, k, gram_pp.diagonal().mean().item(), prior)
+    def matrix(self) -> Tensor:
+        """A new, unpenalised system matrix (row-major; it is symmetric)."""
+        k = self.kept_count
+        n = k + (self.sums_p is not None)
+        matrix = torch.empty(n, n, dtype=torch.float64, device=self.rhs.device)
+        self.fill_gram(matrix[:k, :k])
+        if self.sums_p is not None:
+            matrix[:k, k] = self.sums_p
+            matrix[k, :k] = self.sums_p
+            matrix[k, k] = float(self.count)
+        return matrix
 
-    def solve(self, lam: float, where: str = "", overwrite: bool = False) -> ConsumerFit:
-        """The fit with ``lam * mean(diag G[P, P])`` added to the kept units' diagonal (not the bias's).
+    def solve(self, lam: float, where: str = "") -> ConsumerFit:
+        """The fit with ``lam * mean(diag G[P, P])`` added to the kept units' diagonal (not the bias's)."""
+        k, penalty = self.kept_count, None
 
-        ``overwrite`` adds the penalty to ``matrix`` in place (for a system solved once), which
-        saves a K x K copy.
-        """
-        k, penalty = self.kept_count, lam * self.scale
-        a, rhs = self.matrix, self.rhs
-        if penalty:
-            a = a if overwrite else a.clone()
-            a.diagonal()[:k] += penalty
-            if self.prior is not None:
-                rhs = rhs.clone()
-                rhs[:, :k] += penalty * self.prior
-        x, jitter = solve_spd(a, rhs.T, where)  # (K or K+1) x O
-        return ConsumerFit(x[:k].T, x[k] if x.shape[0] > k else None, jitter)
+        def penalised() -> Tensor:
+            nonlocal penalty
+            matrix = self.matrix()
+            if penalty is None:
+                penalty = lam * matrix.diagonal()[:k].mean().item()
+            if penalty:
+                matrix.diagonal()[:k] += penalty
+            return matrix
+
+        factor, jitter = factor_spd(penalised, where)
+        rhs = self.rhs if self.owns_rhs else self.rhs.clone()
+        if penalty and self.prior is not None:
+            for block in blocks_of(k, self.prior.shape[0]):
+                rhs[:, block] += penalty * self.prior[:, block].to(torch.float64)
+        x = cholesky_solve_(factor, rhs.mT).mT  # O x (K or K + 1), in rhs's memory
+        return ConsumerFit(x[:, :k], x[:, k] if x.shape[1] > k else None, jitter)
 
 
 def fit_consumer(
@@ -206,32 +249,44 @@ def fit_consumer(
 
     With ``target`` the fit reproduces that target instead of ``W h``: the right-hand side
     ``W G[:, P]`` becomes ``sum_n t_n h_n[P]^T`` and ``W s`` becomes ``sum_n t_n``.
+    Besides ``G`` it holds the right-hand side (overwritten by the solution), one K x K matrix
+    (overwritten by its factor) and blocks of :data:`BLOCK_ELEMENTS`.
     """
-    w = weight.to(torch.float64)
-    gram = moments.gram.to(w)
-    kept = kept.to(w.device)
-    sums = moments.sums.to(w)
-    if target is None:
-        rhs, rhs_sums = w @ gram[:, kept], w @ sums
+    device, f64 = weight.device, torch.float64
+    gram = moments.gram.to(device, f64)
+    kept = kept.to(device)
+    sums = moments.sums.to(device, f64)
+    k, rows = len(kept), weight.shape[0]
+    rhs = torch.empty(rows, k + affine, dtype=f64, device=device)
+    if target is None:  # W G[:, P] and W s
+        for block in blocks_of(k, gram.shape[0]):
+            times_float64(weight, gram[:, kept[block]], out=rhs[:, block])
+        if affine:
+            times_float64(weight, sums, out=rhs[:, k])
     else:
-        rhs, rhs_sums = target.cross.to(w)[:, kept], target.sums.to(w)
-    system = RidgeSystem.from_products(
-        gram[kept.unsqueeze(1), kept],  # K x K directly, without a K x H intermediate
-        sums[kept],
+        cross = target.cross.to(device, f64)
+        for block in blocks_of(k, rows):
+            rhs[:, block] = cross[:, kept[block]]
+        if affine:
+            rhs[:, k] = target.sums.to(device, f64)
+
+    system = RidgeSystem(
+        lambda out: gather_kept(gram, kept, out),
+        sums[kept] if affine else None,
         moments.count,
         rhs,
-        rhs_sums,
-        affine,
-        w[:, kept] if prior == "pruned" else None,
+        k,
+        weight[:, kept] if prior == "pruned" else None,
+        owns_rhs=True,
     )
-    return system.solve(lam, where, overwrite=True)  # the system is this call's own: no K x K copy
+    return system.solve(lam, where)
 
 
 def mean_bias_shift(weight: Tensor, mean: Tensor, kept: Tensor) -> Tensor:
     """FLAP's bias compensation: the removed columns' mean contribution ``W[:, R] mean[R]``."""
     removed = torch.ones(weight.shape[1], dtype=torch.bool, device=weight.device)
     removed[kept.to(weight.device)] = False
-    return weight.to(torch.float64)[:, removed] @ mean.to(weight.device, torch.float64)[removed]
+    return weight[:, removed].to(torch.float64) @ mean.to(weight.device, torch.float64)[removed]
 
 
 def add_bias(bias: Tensor | None, shift: Tensor | None) -> Tensor | None:
@@ -298,17 +353,23 @@ class CrossValidation:
         targets: dict[str, list[TargetMoments]] | None = None,
         where: str = "",
     ) -> None:
-        w = weight.to(torch.float64)
-        sketch = output_sketch(w.shape[0], w.device)
-        if sketch is not None:
-            w = sketch @ w
+        sketch = output_sketch(weight.shape[0], weight.device)
+        if sketch is None:
+            w = weight.to(torch.float64)
+        else:  # S W, a block of W's columns at a time (W in float64 is never whole)
+            w = torch.empty(sketch.shape[0], weight.shape[1], dtype=torch.float64, device=weight.device)
+            for block in blocks_of(weight.shape[1], weight.shape[0]):
+                w[:, block] = sketch @ weight[:, block].to(torch.float64)
         kept = kept.to(w.device)
         self.fit, self.prior, self.where = fit, prior, where
+        self.folds, self.kept = folds, kept
         self.stats: list[dict] = []
+        self.full_gram_pp = None  # the folds' total G[P, P]; each fold's own is gathered when it is used
         for i, fold in enumerate(folds):
             gram, sums = fold.gram.to(w), fold.sums.to(w)
             w_gram = w @ gram  # both products below are read off it
             products = {"pruned": (w_gram[:, kept], w @ sums, float((w_gram * w).sum()))}
+            del w_gram, gram
             for name, per_fold in (targets or {}).items():
                 t = per_fold[i]
                 cross, t_sums = t.cross.to(w)[:, kept], t.sums.to(w)
@@ -316,12 +377,13 @@ class CrossValidation:
                     products[name] = (cross, t_sums, t.sq)
                 else:
                     products[name] = (sketch @ cross, sketch @ t_sums, t.sketch_sq)
-            self.stats.append(
-                {"gram_pp": gram[kept.unsqueeze(1), kept], "sums_p": sums[kept], "count": fold.count, **products}
-            )
+            self.stats.append({"sums_p": sums[kept], "count": fold.count, **products})
+            block = self.fold_gram_pp(i)
+            self.full_gram_pp = block if self.full_gram_pp is None else self.full_gram_pp.add_(block)
+            del block
         self.targets = ("pruned", *(targets or {}))
         small = ("sums_p", "count")
-        self.full = {k: sum(f[k] for f in self.stats) for k in (*small, "gram_pp")}
+        self.full = {k: sum(f[k] for f in self.stats) for k in small}
         for name in self.targets:
             self.full[name] = tuple(sum(f[name][j] for f in self.stats) for j in (0, 1))
         self.w_kept = w[:, kept]
@@ -342,31 +404,40 @@ class CrossValidation:
         self._terms: dict[tuple[int, float | None], dict[tuple[str, str], tuple[float, float | None]]] = {}
         self._errors: dict[tuple[float | None, str, str], float] = {}
 
-    def _system(self, i: int, names: tuple[str, ...]) -> RidgeSystem:
-        # Built per candidate and penalised in place, so that besides the folds' and the total's
-        # G[P, P] one training matrix and its factor are alive at a time: the subtraction costs
-        # K^2 against the factorisation's K^3 / 3.
+    def fold_gram_pp(self, i: int) -> Tensor:
+        """Fold ``i``'s ``G[P, P]``, gathered where its Gram matrix lives and brought to the solves' device."""
+        k = len(self.kept)
+        out = torch.empty(k, k, dtype=torch.float64, device=self.kept.device)
+        return gather_kept(self.folds[i].gram, self.kept, out)
+
+    def _system(self, i: int, names: tuple[str, ...], fold_gram_pp: Tensor) -> RidgeSystem:
+        # The training matrix (total minus fold) is written into the system's own matrix, which
+        # its factor then overwrites: besides the total and the fold's G[P, P] it is the one
+        # K x K alive. The subtraction costs K^2 against the factorisation's K^3 / 3.
         t = self.trains[i]
         rhs = torch.cat([t[name][0] for name in names]) if len(names) > 1 else t[names[0]][0]
         rhs_sums = torch.cat([t[name][1] for name in names]) if len(names) > 1 else t[names[0]][1]
+        affine = self.fit == "affine"
+        if affine:
+            rhs = torch.cat([rhs, rhs_sums.unsqueeze(1)], dim=1)
+        owns_rhs = affine or len(names) > 1  # else rhs is the fold's stored product, used again
         prior = None
         if self.prior == "pruned":
             prior = self.w_kept.repeat(len(names), 1) if len(names) > 1 else self.w_kept
-        return RidgeSystem.from_products(
-            self.full["gram_pp"] - self.stats[i]["gram_pp"],
-            t["sums_p"],
-            t["count"],
-            rhs,
-            rhs_sums,
-            self.fit == "affine",
-            prior,
-        )
 
-    def candidate(self, i: int, lam: float | None) -> dict[str, ConsumerFit]:
+        def fill_gram(out: Tensor) -> None:
+            out.copy_(self.full_gram_pp)
+            out.sub_(fold_gram_pp)
+
+        return RidgeSystem(fill_gram, t["sums_p"] if affine else None, t["count"], rhs, len(self.kept), prior, owns_rhs)
+
+    def candidate(self, i: int, lam: float | None, fold_gram_pp: Tensor | None = None) -> dict[str, ConsumerFit]:
         """Fold ``i``'s fits at ``lam`` on the training folds, by target (``None``: the uncompensated consumer)."""
         if lam is None:
             return dict.fromkeys(self.targets, ConsumerFit(self.w_kept, self.shifts[i]))
-        solved = self._system(i, self.targets).solve(lam, self.where, overwrite=True)  # one factorisation
+        if fold_gram_pp is None:
+            fold_gram_pp = self.fold_gram_pp(i)
+        solved = self._system(i, self.targets, fold_gram_pp).solve(lam, self.where)  # one factorisation
         rows = self.w_kept.shape[0]
         fits = {}
         for j, name in enumerate(self.targets):
@@ -381,11 +452,11 @@ class CrossValidation:
         """Fold ``i``'s held-out error of each target's fit at ``lam`` against each target: (weight term, bias term)."""
         key = (i, lam)
         if key not in self._terms:
-            f = self.stats[i]
+            f, gram_pp = self.stats[i], self.fold_gram_pp(i)
             terms = {}
-            for target, c in self.candidate(i, lam).items():
+            for target, c in self.candidate(i, lam, gram_pp).items():
                 new_w = c.weight
-                quadratic = float((new_w @ f["gram_pp"] * new_w).sum())  # the same whatever it is scored on
+                quadratic = float((new_w @ gram_pp * new_w).sum())  # the same whatever it is scored on
                 for score_on in self.targets:
                     cross, t_sums, sq = f[score_on]
                     weight_term = sq - 2 * float((new_w * cross).sum()) + quadratic

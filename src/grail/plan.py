@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
+from grail.compensate import BLOCK_ELEMENTS, SKETCH_ROWS
 from grail.config import PruneConfig, RunConfig
 from grail.errors import GrailError
 
@@ -258,7 +259,7 @@ def stages(shape: ModelShape, s: Setting) -> list[Stage]:
                 "layer forward, or the consumer's input and its copies (the larger)": max(
                     forward(batch_tokens, i_w if kind == "MLP" else a_w), hook
                 ),
-                "Gram product of a batch": width * width * exact if compensate else 0,
+                "a block of a batch's Gram product": min(BLOCK_ELEMENTS, width * width) * exact if compensate else 0,
             }
             block.device |= {k: v for k, v in passing.items() if v}
             block.passing |= set(passing)
@@ -281,7 +282,8 @@ def stages(shape: ModelShape, s: Setting) -> list[Stage]:
         if traits["selection_gram"]:
             held_for_refit["SlimGPT's damped Hessian, kept for its refit"] = width * width * F64
         if compensate:
-            out += _solve_stages(kind, width, kept, out_dim, folds, targets, auto, block, held_for_refit)
+            prior_bytes = w if p.prior == "pruned" else 0
+            out += _solve_stages(kind, width, kept, out_dim, folds, targets, auto, block, held_for_refit, prior_bytes)
         surgery = _after(block, f"surgery, {kind} block")
         surgery.device |= held_for_refit
         surgery.device["the block's new, smaller projections"] = int(keep * shape.layer_params() * w / 2)
@@ -318,30 +320,39 @@ def _after(block: Stage, name: str) -> Stage:
     return Stage(name, held(block.device), held(block.host))
 
 
-def _solve_stages(kind, width, kept, out_dim, folds, targets, auto, block, extra) -> list[Stage]:
+def _solve_stages(kind, width, kept, out_dim, folds, targets, auto, block, extra, prior_bytes) -> list[Stage]:
     """The consumer's cross-validation (``--ridge_lambda auto``) and final solve, with the block's statistics
-    (and ``extra`` device terms) held."""
+    (and ``extra`` device terms) held. ``prior_bytes``: bytes per element of the kept weights the penalty
+    pulls towards (0 for the zero prior)."""
     k1, out = kept + 1, []
     matrices_on_host = any(k.startswith("Gram matrices") for k in block.host) and bool(block.device)
+    blocks = 2 * min(BLOCK_ELEMENTS, out_dim * width) * F64  # W's rows and G's columns, in float64 blocks
     if auto:
+        scored = min(out_dim, SKETCH_ROWS)  # cross-validation scores the consumer on a sketch of its outputs
         cv = _after(block, f"cross-validation, {kind} block")
         cv.device |= extra
-        cv.device["consumer weights in float64"] = out_dim * width * F64
         if matrices_on_host:
             cv.device["a fold's Gram matrix, brought over"] = width * width * F64
-        cv.device["W G of a fold"] = out_dim * width * F64
-        cv.device["folds' kept-unit Gram blocks and their total"] = (folds + 1) * kept * kept * F64
-        cv.device["training system and its factor"] = 2 * k1 * k1 * F64
-        cv.device["a fold's fits (every target)"] = (1 + targets) * out_dim * k1 * F64
+        cv.device["sketched consumer weights and W G of a fold"] = 2 * scored * width * F64
+        cv.device["the folds' total G[P, P] and one fold's"] = 2 * kept * kept * F64
+        cv.device["training system, overwritten by its factor"] = k1 * k1 * F64
+        cv.device["the folds' sketched products and a fold's fits (every target)"] = (
+            (2 * folds + 2) * (1 + targets) * scored * k1 * F64
+        )
         out.append(cv)
     solve = _after(block, f"solve, {kind} block")
+    if auto:  # cross-validation is done: the folds were added into the first, in place (grail.stats)
+        for terms in (solve.device, solve.host):
+            for name in [n for n in terms if n.startswith(("Gram matrices", "target cross moments"))]:
+                terms[name.replace(f"{folds} fold(s)", "folds merged")] = terms.pop(name) // folds
     solve.device |= extra
-    solve.device["consumer weights in float64"] = out_dim * width * F64
     if matrices_on_host:  # the folds were added into one in place (grail.stats): no total of its own
         solve.device["total Gram matrix, brought over"] = width * width * F64
-    solve.device["kept rows (or columns) of G"] = kept * width * F64
-    solve.device["system and its factor"] = 2 * k1 * k1 * F64
-    solve.device["right-hand side and solution"] = 2 * out_dim * k1 * F64
+    solve.device["right-hand side, overwritten by the solution"] = out_dim * k1 * F64
+    solve.device["system, overwritten by its factor"] = k1 * k1 * F64
+    solve.device["blocks of W and G in float64"] = blocks
+    if prior_bytes:
+        solve.device["kept weights (the penalty's prior)"] = out_dim * kept * prior_bytes
     out.append(solve)
     return out
 

@@ -11,8 +11,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from grail.compensate import Moments, TargetMoments, output_sketch
+from grail.compensate import Moments, TargetMoments, blocks_of, output_sketch
 from grail.errors import GrailError
+
+
+def _add_product(total: Tensor, left: Tensor, right: Tensor) -> None:
+    """``total += left^T right``, a block of rows at a time: no product as large as ``total`` is made (the
+    rows of a product are the same numbers whole or in blocks)."""
+    for rows in blocks_of(total.shape[0], total.shape[1]):
+        total[rows].add_((left[:, rows].T @ right).to(total.device))
 
 
 def _total(tensors: list[Tensor]) -> Tensor:
@@ -77,8 +84,7 @@ class InputStats:
         self.fold_sums[fold] += xm.sum(dim=0, dtype=torch.float64)
         self.sq_sum += xm.square().sum(dim=0, dtype=torch.float64)
         if self.fold_grams is not None:
-            gram = self.fold_grams[fold]
-            gram.add_((xm.T @ xm).to(gram.device))
+            _add_product(self.fold_grams[fold], xm, xm)
 
     @property
     def count(self) -> int:
@@ -185,8 +191,7 @@ class TargetStats:
         """Add tokens' targets ``[n, O]`` and the consumer's inputs ``[n, H]`` to ``fold``."""
         t = target.reshape(-1, target.shape[-1]).to(torch.float64)
         h = inputs.reshape(-1, inputs.shape[-1]).to(t)
-        cross = self.fold_cross[fold]
-        cross.add_((t.T @ h).to(cross.device))
+        _add_product(self.fold_cross[fold], t, h)
         self.fold_sums[fold] += t.sum(dim=0)
         self.fold_sq[fold] += t.square().sum()
         sketched = t if self.sketch is None else t @ self.sketch.T
