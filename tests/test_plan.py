@@ -108,6 +108,28 @@ def test_dry_run_prints_the_plan_and_reads_no_weights(tmp_path, capsys):
     assert json.loads(out.read_text())["mode"] == "memory"
 
 
+def test_out_of_memory_names_the_plan_and_what_would_fit(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from grail.cli import main
+
+    folder = _config_folder(tmp_path / "config-only", **LLAMA_2_70B)
+
+    def run_out_of_memory(config, progress=True):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.12 GiB")
+
+    monkeypatch.setattr("grail.pipeline.run", run_out_of_memory)
+    argv = ["--model", str(folder), "--device", "cpu", "--compensate", "--ridge_lambda", "auto", "-q"]
+    assert main(argv) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of memory (CUDA out of memory. Tried to allocate 6.12 GiB)")
+    assert "grail plan" in err and "--offload" in err and "Traceback" not in err
+    # any other error is not dressed up as one
+    monkeypatch.setattr("grail.pipeline.run", lambda config, progress=True: (_ for _ in ()).throw(RuntimeError("x")))
+    with pytest.raises(RuntimeError):
+        main(argv)
+
+
 # ---- predictions against measurements, in fresh processes ---------------------------------------
 
 MEASURED_SETTINGS = {

@@ -18,7 +18,7 @@ from grail.config import (
     flag_name,
     ridge_lambda_value,
 )
-from grail.errors import GrailError
+from grail.errors import GrailError, OutOfMemory
 from grail.methods import METHODS
 
 log = logging.getLogger("grail")
@@ -189,10 +189,13 @@ def _raise_terminated(signum, frame) -> None:
 
 
 def _guarded(job) -> int:
-    """Run ``job()`` with one-line errors: 2 for bad input, 130 for Ctrl-C, 143 for SIGTERM."""
+    """Run ``job()`` with one-line errors: 2 for bad input, 3 for out of memory, 130 for Ctrl-C, 143 for SIGTERM."""
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return job()
+    except OutOfMemory as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     except GrailError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -342,6 +345,38 @@ def _available_memory(device: str | None) -> tuple[float | None, float | None]:
     return gpu, host
 
 
+def _out_of_memory(err: BaseException) -> bool:
+    """CUDA's out-of-memory error, or a CPU allocation that failed (not the kernel's OOM killer: that ends the
+    process)."""
+    import torch
+
+    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(err)
+
+
+def _out_of_memory_error(config, err: BaseException) -> OutOfMemory:
+    from grail.plan import out_of_memory_advice
+
+    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    try:
+        advice = out_of_memory_advice(config, *_device_memory_total(config.device))
+    except Exception as plan_err:  # the advice must not hide the error itself
+        advice = f"no plan could be made ({plan_err})"
+    return OutOfMemory(f"out of memory ({first_line}); {advice}. Partial outputs were removed.")
+
+
+def _device_memory_total(device: str | None) -> tuple[str, float | None, float | None]:
+    """The device the run computed on, its GiB in all (the run held what it could of it), GiB available on the
+    host now."""
+    import torch
+
+    from grail.calibration import available_ram
+
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = torch.cuda.mem_get_info(torch.device(device))[1] / 2**30 if device.startswith("cuda") else None
+    return device, gpu, available_ram() / 2**30 or None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "plan":
@@ -366,7 +401,14 @@ def main(argv: list[str] | None = None) -> int:
     def job() -> int:
         from grail.pipeline import run
 
-        print(_summary(run(config_from_args(args), progress=not args.quiet)))
+        config = config_from_args(args)
+        try:
+            results = run(config, progress=not args.quiet)
+        except (RuntimeError, MemoryError) as err:
+            if not _out_of_memory(err):
+                raise
+            raise _out_of_memory_error(config, err) from None
+        print(_summary(results))
         return 0
 
     return _guarded(job)

@@ -557,6 +557,22 @@ def setting_from_config(config: RunConfig, processes: int = 1, device: str | Non
     )
 
 
+def out_of_memory_advice(config: RunConfig, device: str, device_memory: float | None, host_memory: float | None) -> str:
+    """What to tell a user whose run on ``device`` ran out of memory: the plan's peak and the flags that lower it
+    (memory in GiB)."""
+    setting = setting_from_config(config, device=device)
+    shape = model_shape(config.model)
+    plan = plan_run(shape, setting, device_memory, host_memory)
+    where = "device" if setting.device == "cuda" else "host"
+    peak = plan.peak_device_bytes if where == "device" else plan.peak_host_bytes
+    text = f"the plan of these flags (grail plan) predicts {peak / GIB:.1f} GiB on the {where}, set by {plan.limiting_stage}"
+    options = plan.suggestions or [
+        f"{flag}: {_describe(plan_run(shape, alternative, device_memory, host_memory, suggest=False))}"
+        for flag, alternative in _alternatives(setting)
+    ]
+    return f"{text}; settings that need less: {'; '.join(options)}" if options else text
+
+
 def _evaluation_windows(dataset: str, seqlen: int) -> int:
     from grail.data import C4_EVAL_WINDOWS
 
