@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import signal
 import sys
 from dataclasses import Field
@@ -346,35 +347,45 @@ def _available_memory(device: str | None) -> tuple[float | None, float | None]:
 
 
 def _out_of_memory(err: BaseException) -> bool:
-    """CUDA's out-of-memory error, or a CPU allocation that failed (not the kernel's OOM killer: that ends the
+    """CUDA's out-of-memory errors, or a CPU allocation that failed (not the kernel's OOM killer: that ends the
     process)."""
     import torch
 
-    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(err)
+    text = str(err)
+    return (
+        isinstance(err, (torch.OutOfMemoryError, MemoryError))
+        or "out of memory" in text.lower()
+        or "CUBLAS_STATUS_ALLOC_FAILED" in text
+        or "can't allocate memory" in text
+    )
 
 
 def _out_of_memory_error(config, err: BaseException) -> OutOfMemory:
-    from grail.plan import out_of_memory_advice
+    import gc
+    import traceback
 
-    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-    try:
-        advice = out_of_memory_advice(config, *_device_memory_total(config.device))
-    except Exception as plan_err:  # the advice must not hide the error itself
-        advice = f"no plan could be made ({plan_err})"
-    return OutOfMemory(f"out of memory ({first_line}); {advice}. Partial outputs were removed.")
-
-
-def _device_memory_total(device: str | None) -> tuple[str, float | None, float | None]:
-    """The device the run computed on, its GiB in all (the run held what it could of it), GiB available on the
-    host now."""
     import torch
 
     from grail.calibration import available_ram
+    from grail.plan import out_of_memory_advice
 
+    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    traceback.clear_frames(err.__traceback__)  # the run's tensors go, so the memory available is measured right
+    gc.collect()
+    device = config.device
     if device in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    gpu = torch.cuda.mem_get_info(torch.device(device))[1] / 2**30 if device.startswith("cuda") else None
-    return device, gpu, available_ram() / 2**30 or None
+    on_device = device.startswith("cuda") and ("CUDA" in first_line or "CUBLAS" in first_line)
+    gpu = None
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        gpu = torch.cuda.mem_get_info(torch.device(device))[1] / 2**30  # the whole device: the run held what it could
+    try:
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+        advice = out_of_memory_advice(config, device, on_device, gpu, available_ram() / 2**30 or None, processes)
+    except Exception as plan_err:  # the advice must not hide the error itself
+        advice = f"no plan could be made ({plan_err})"
+    return OutOfMemory(f"out of memory ({first_line}); {advice}. Partial outputs were removed.")
 
 
 def main(argv: list[str] | None = None) -> int:

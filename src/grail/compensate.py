@@ -253,20 +253,21 @@ def fit_consumer(
     (overwritten by its factor) and blocks of :data:`BLOCK_ELEMENTS`.
     """
     device, f64 = weight.device, torch.float64
-    gram = moments.gram.to(device, f64)
+    gram = moments.gram  # left where the statistics live (host memory beside a GPU): blocks of it come over
     kept = kept.to(device)
     sums = moments.sums.to(device, f64)
     k, rows = len(kept), weight.shape[0]
     rhs = torch.empty(rows, k + affine, dtype=f64, device=device)
     if target is None:  # W G[:, P] and W s
+        columns = kept.to(gram.device)
         for block in blocks_of(k, gram.shape[0]):
-            times_float64(weight, gram[:, kept[block]], out=rhs[:, block])
+            times_float64(weight, gram[:, columns[block]].to(device, f64), out=rhs[:, block])
         if affine:
             times_float64(weight, sums, out=rhs[:, k])
     else:
-        cross = target.cross.to(device, f64)
+        columns = kept.to(target.cross.device)
         for block in blocks_of(k, rows):
-            rhs[:, block] = cross[:, kept[block]]
+            rhs[:, block] = target.cross[:, columns[block]]
         if affine:
             rhs[:, k] = target.sums.to(device, f64)
 
@@ -286,7 +287,11 @@ def mean_bias_shift(weight: Tensor, mean: Tensor, kept: Tensor) -> Tensor:
     """FLAP's bias compensation: the removed columns' mean contribution ``W[:, R] mean[R]``."""
     removed = torch.ones(weight.shape[1], dtype=torch.bool, device=weight.device)
     removed[kept.to(weight.device)] = False
-    return weight[:, removed].to(torch.float64) @ mean.to(weight.device, torch.float64)[removed]
+    removed_mean = mean.to(weight.device, torch.float64)[removed]
+    shift = torch.empty(weight.shape[0], dtype=torch.float64, device=weight.device)
+    for rows in blocks_of(weight.shape[0], len(removed_mean)):  # W[:, R] in float64 is never whole
+        shift[rows] = weight[rows][:, removed].to(torch.float64) @ removed_mean
+    return shift
 
 
 def add_bias(bias: Tensor | None, shift: Tensor | None) -> Tensor | None:
@@ -366,17 +371,26 @@ class CrossValidation:
         self.stats: list[dict] = []
         self.full_gram_pp = None  # the folds' total G[P, P]; each fold's own is gathered when it is used
         for i, fold in enumerate(folds):
-            gram, sums = fold.gram.to(w), fold.sums.to(w)
-            w_gram = w @ gram  # both products below are read off it
+            sums = fold.sums.to(w)
+            # W G, a block of G's columns at a time (brought over from where the statistics live)
+            w_gram = torch.empty_like(w)
+            for block in blocks_of(fold.gram.shape[1], fold.gram.shape[0]):
+                w_gram[:, block] = w @ fold.gram[:, block].to(w)
             products = {"pruned": (w_gram[:, kept], w @ sums, float((w_gram * w).sum()))}
-            del w_gram, gram
+            del w_gram
             for name, per_fold in (targets or {}).items():
                 t = per_fold[i]
-                cross, t_sums = t.cross.to(w)[:, kept], t.sums.to(w)
-                if sketch is None:
-                    products[name] = (cross, t_sums, t.sq)
-                else:
-                    products[name] = (sketch @ cross, sketch @ t_sums, t.sketch_sq)
+                columns = kept.to(t.cross.device)
+                cross = torch.empty(w.shape[0], len(kept), dtype=torch.float64, device=w.device)
+                for block in blocks_of(len(kept), t.cross.shape[0]):  # C[:, P] (sketched), a block at a time
+                    part = t.cross[:, columns[block]].to(w)
+                    cross[:, block] = part if sketch is None else sketch @ part
+                t_sums = t.sums.to(w)
+                products[name] = (
+                    cross,
+                    t_sums if sketch is None else sketch @ t_sums,
+                    t.sq if sketch is None else t.sketch_sq,
+                )
             self.stats.append({"sums_p": sums[kept], "count": fold.count, **products})
             block = self.fold_gram_pp(i)
             self.full_gram_pp = block if self.full_gram_pp is None else self.full_gram_pp.add_(block)

@@ -325,15 +325,13 @@ def _solve_stages(kind, width, kept, out_dim, folds, targets, auto, block, extra
     (and ``extra`` device terms) held. ``prior_bytes``: bytes per element of the kept weights the penalty
     pulls towards (0 for the zero prior)."""
     k1, out = kept + 1, []
-    matrices_on_host = any(k.startswith("Gram matrices") for k in block.host) and bool(block.device)
-    blocks = 2 * min(BLOCK_ELEMENTS, out_dim * width) * F64  # W's rows and G's columns, in float64 blocks
+    # W's rows and G's columns in float64 blocks (G's brought over from the host with --stats_device host)
+    blocks = 2 * min(BLOCK_ELEMENTS, out_dim * width) * F64
     if auto:
         scored = min(out_dim, SKETCH_ROWS)  # cross-validation scores the consumer on a sketch of its outputs
         cv = _after(block, f"cross-validation, {kind} block")
         cv.device |= extra
-        if matrices_on_host:
-            cv.device["a fold's Gram matrix, brought over"] = width * width * F64
-        cv.device["sketched consumer weights and W G of a fold"] = 2 * scored * width * F64
+        cv.device["sketched consumer weights, W G of a fold and their product"] = 3 * scored * width * F64
         cv.device["the folds' total G[P, P] and one fold's"] = 2 * kept * kept * F64
         cv.device["training system, overwritten by its factor"] = k1 * k1 * F64
         cv.device["the folds' sketched products and a fold's fits (every target)"] = (
@@ -346,8 +344,6 @@ def _solve_stages(kind, width, kept, out_dim, folds, targets, auto, block, extra
             for name in [n for n in terms if n.startswith(("Gram matrices", "target cross moments"))]:
                 terms[name.replace(f"{folds} fold(s)", "folds merged")] = terms.pop(name) // folds
     solve.device |= extra
-    if matrices_on_host:  # the folds were added into one in place (grail.stats): no total of its own
-        solve.device["total Gram matrix, brought over"] = width * width * F64
     solve.device["right-hand side, overwritten by the solution"] = out_dim * k1 * F64
     solve.device["system, overwritten by its factor"] = k1 * k1 * F64
     solve.device["blocks of W and G in float64"] = blocks
@@ -557,14 +553,21 @@ def setting_from_config(config: RunConfig, processes: int = 1, device: str | Non
     )
 
 
-def out_of_memory_advice(config: RunConfig, device: str, device_memory: float | None, host_memory: float | None) -> str:
-    """What to tell a user whose run on ``device`` ran out of memory: the plan's peak and the flags that lower it
-    (memory in GiB)."""
-    setting = setting_from_config(config, device=device)
+def out_of_memory_advice(
+    config: RunConfig,
+    device: str,
+    on_device: bool,
+    device_memory: float | None,
+    host_memory: float | None,
+    processes: int = 1,
+) -> str:
+    """What to tell a user whose run on ``device`` ran out of memory (``on_device``: the CUDA device's, else the
+    host's): the plan's peak there and the settings that need less (memory in GiB)."""
+    setting = setting_from_config(config, processes, device=device)
     shape = model_shape(config.model)
     plan = plan_run(shape, setting, device_memory, host_memory)
-    where = "device" if setting.device == "cuda" else "host"
-    peak = plan.peak_device_bytes if where == "device" else plan.peak_host_bytes
+    where = "device" if on_device else "host"
+    peak = plan.peak_device_bytes if on_device else plan.peak_host_bytes
     text = f"the plan of these flags (grail plan) predicts {peak / GIB:.1f} GiB on the {where}, set by {plan.limiting_stage}"
     options = plan.suggestions or [
         f"{flag}: {_describe(plan_run(shape, alternative, device_memory, host_memory, suggest=False))}"

@@ -16,8 +16,9 @@ from grail.errors import GrailError
 
 
 def _add_product(total: Tensor, left: Tensor, right: Tensor) -> None:
-    """``total += left^T right``, a block of rows at a time: no product as large as ``total`` is made (the
-    rows of a product are the same numbers whole or in blocks)."""
+    """``total += left^T right``, a block of rows at a time: no product as large as ``total`` is made (on the
+    CPU's float64 products the rows are the same numbers whole or in blocks; on CUDA's float32 products the
+    same up to their round-off)."""
     for rows in blocks_of(total.shape[0], total.shape[1]):
         total[rows].add_((left[:, rows].T @ right).to(total.device))
 
