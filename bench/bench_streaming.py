@@ -9,6 +9,11 @@ mode in a fresh process and reports, measured in that process:
   output head, which stay in memory (target <= 1.5);
 * ``peak_over_layer_activations_statistics``: the same, with the largest Gram matrix added;
 * ``peak_over_model``: peak resident memory of the process divided by the model's size;
+* ``layer_working_set_over_layer_activations_statistics``: each layer's step measured alone
+  (from the second layer on, when every code path has run once): the rise of resident memory
+  above what the step starts from, plus the calibration activations (resident throughout),
+  divided by one layer + the activations + the largest Gram matrix (the median and the
+  largest over the layers; target <= 1.5);
 * the time of the run, and with ``--torchrun 2`` the same run with two CPU processes.
 
     python bench/bench_streaming.py --out /tmp/synthetic --layers 10 --hidden 2048 --intermediate 5632
@@ -17,6 +22,7 @@ mode in a fresh process and reports, measured in that process:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -28,8 +34,36 @@ import torch
 from safetensors.torch import save_file
 
 from grail.cli import add_config_options, config_from_args
-from grail.memory import reset_peak_rss, rss_bytes
+from grail.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 from grail.timing import Timer
+
+
+class LayerTimer(Timer):
+    """A :class:`~grail.timing.Timer` that also keeps each streamed layer's peak resident memory and the
+    resident memory left once the layer is released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current = 0
+        self.layers: list[dict] = []
+
+    @contextlib.contextmanager
+    def section(self, name: str):
+        with super().section(name):
+            yield
+        self.current = max(self.current, peak_rss_bytes() or 0)  # the mark was reset when the section began
+
+    def watch(self, streamer_class) -> None:
+        """Record at every release of a layer by ``streamer_class`` (``grail.streaming.LayerStreamer``)."""
+        release = streamer_class.release
+
+        def recorded(streamer, index, layer, write):
+            self.current = max(self.current, peak_rss_bytes() or 0)
+            release(streamer, index, layer, write)
+            self.layers.append({"peak": self.current, "after": rss_bytes()})
+            self.current = 0
+
+        streamer_class.release = recorded
 
 
 def write_synthetic(
@@ -90,7 +124,7 @@ def write_synthetic(
 def child(args: argparse.Namespace) -> None:
     """Runs in a fresh process: prune the synthetic model in streaming mode, print figures as JSON."""
     from grail import distributed
-    from grail.streaming import prune_streaming
+    from grail.streaming import LayerStreamer, prune_streaming
 
     distributed.init_from_environment("cpu")
     with torch.device("meta"):  # load the modeling code now, so its import is not counted below
@@ -103,12 +137,15 @@ def child(args: argparse.Namespace) -> None:
     baseline = rss_bytes()
     reset_peak_rss()
     start = time.perf_counter()
-    timer = Timer()
+    timer = LayerTimer()
+    timer.watch(LayerStreamer)
     prune_streaming(args.out, args.result, windows, config, timer=timer, progress=False)
     seconds = time.perf_counter() - start
-    peak = timer.memory()["peak_host_bytes"]
+    peak = max(timer.memory()["peak_host_bytes"], *(layer["peak"] for layer in timer.layers))
+    # a step's rise above the memory left by the step before it (the second layer on: code paths warm)
+    steps = [now["peak"] - before["after"] for before, now in zip(timer.layers[1:-1], timer.layers[2:], strict=True)]
     if distributed.is_main():
-        print(json.dumps({"seconds": seconds, "baseline_rss": baseline, "peak_rss": peak}))
+        print(json.dumps({"seconds": seconds, "baseline_rss": baseline, "peak_rss": peak, "layer_steps": steps}))
 
 
 def main() -> None:
@@ -143,7 +180,7 @@ def main() -> None:
     if not (args.out / "model.safetensors.index.json").is_file():
         write_synthetic(args.out, args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads, args.vocab)
     model_bytes = sum(f.stat().st_size for f in args.out.glob("*.safetensors"))
-    layer_bytes = (args.out / "layer-00000.safetensors").stat().st_size
+    layer_bytes = layer_only_bytes = (args.out / "layer-00000.safetensors").stat().st_size
     layer_bytes += (args.out / "rest.safetensors").stat().st_size  # embeddings and head stay resident
     activation_bytes = args.nsamples * args.seqlen * args.hidden * 4
     gram_bytes = args.intermediate**2 * 8
@@ -180,6 +217,16 @@ def main() -> None:
             "peak_over_layer_activations_statistics": round(growth / (layer_bytes + activation_bytes + gram_bytes), 3),
             "peak_over_model": round(measured["peak_rss"] / model_bytes, 3),
         }
+        if measured["layer_steps"]:
+            steps = sorted(measured["layer_steps"])
+            measure = layer_only_bytes + activation_bytes + gram_bytes
+            figures[name] |= {
+                "layer_step_rise_mib_median": round(steps[len(steps) // 2] / 2**20),
+                "layer_working_set_over_layer_activations_statistics": {
+                    "median": round((steps[len(steps) // 2] + activation_bytes) / measure, 3),
+                    "largest": round((steps[-1] + activation_bytes) / measure, 3),
+                },
+            }
     if args.torchrun:
         figures["torchrun_time_ratio"] = round(figures[runs[1][0]]["seconds"] / figures["single"]["seconds"], 3)
     print(json.dumps(figures, indent=2))

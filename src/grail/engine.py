@@ -381,6 +381,9 @@ class _LayerStep:
         policy, timer, method = self.policy, self.timer, self.method
         where, mean_bias = self._where(block), self._mean_bias()
         gram_stats, targets = None, {}
+        # What the block before this one freed goes back to the system, so that this block's pass
+        # does not stack on the allocator's leftovers (the heap rarely fits a new pass into them).
+        return_freed_memory()
         if self.calib is not None:
             wants_selection = selection is None and (method.uses_activations or mean_bias)
             collected, gram_stats, taps = _block_taps(
@@ -397,6 +400,7 @@ class _LayerStep:
                 stats.check_finite(where)
             if selection is None:
                 selection = collected
+            return_freed_memory()  # the pass's intermediates: the solves start from what is alive
         with timer.section("pruning"):
             gradient = extra.gradient if extra is not None else None
             decision: Decision = method.selector.select(block, Evidence(selection, gradient), n_remove)
