@@ -251,11 +251,12 @@ def stages(shape: ModelShape, s: Setting) -> list[Stage]:
         if needed:
             store(block, activations + (dense_copy if targets else 0))
             # The pass stops at the consumer, whose hook converts its input to the product's dtype
-            # (float64 on the CPU, float32 on CUDA: grail.stats), squares that for the sum of squares
-            # and, with folds, copies it by fold.
+            # (float64 on the CPU, float32 on CUDA: grail.stats) and, with folds, copies it by fold.
+            # (Its square, for the sum of squares, is not counted: the measured peaks fit better
+            # without it, bench/bench_plan.py.)
             # The block's own intermediates are freed by then but for that input and the residual.
             exact = F64 if s.device == "cpu" else 4
-            hook = batch_tokens * width * (w + 2 * exact + (w if folds > 1 else 0)) + 2 * batch_tokens * d * w
+            hook = batch_tokens * width * (w + exact + (w if folds > 1 else 0)) + 2 * batch_tokens * d * w
             passing = {
                 "layer forward, or the consumer's input and its copies (the larger)": max(
                     forward(batch_tokens, i_w if kind == "MLP" else a_w), hook
