@@ -112,9 +112,8 @@ def solve_spd(a: Tensor, rhs: Tensor, where: str = "") -> tuple[Tensor, float]:
 
 def times_float64(weight: Tensor, right: Tensor, out: Tensor) -> Tensor:
     """``out = W right`` in float64, with ``W`` converted a block of rows at a time (never whole)."""
-    step = max(1, BLOCK_ELEMENTS // max(weight.shape[1], 1))
-    for start in range(0, weight.shape[0], step):
-        out[start : start + step] = weight[start : start + step].to(torch.float64) @ right
+    for rows in blocks_of(weight.shape[0], weight.shape[1]):
+        out[rows] = weight[rows].to(torch.float64) @ right
     return out
 
 
