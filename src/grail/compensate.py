@@ -117,6 +117,19 @@ def times_float64(weight: Tensor, right: Tensor, out: Tensor) -> Tensor:
     return out
 
 
+def map_columns(
+    matrix: Tensor, out: Tensor, fn: Callable[[Tensor], Tensor] | None = None, columns: Tensor | None = None
+) -> Tensor:
+    """``out[:, j] = fn(M[:, columns[j]])`` (all columns when None), with ``M``'s columns brought to ``out``'s device
+    in float64 a block at a time, so that ``M`` in float64 (or on that device) is never whole."""
+    if columns is not None:
+        columns = columns.to(matrix.device)
+    for block in blocks_of(out.shape[1], matrix.shape[0]):
+        part = (matrix[:, block] if columns is None else matrix[:, columns[block]]).to(out.device, torch.float64)
+        out[:, block] = part if fn is None else fn(part)
+    return out
+
+
 def gather_kept(gram: Tensor, kept: Tensor, out: Tensor) -> Tensor:
     """``out = G[P, P]`` (float64, on ``out``'s device), gathered a block of rows at a time where ``G`` lives."""
     kept = kept.to(gram.device)
@@ -258,15 +271,13 @@ def fit_consumer(
     k, rows = len(kept), weight.shape[0]
     rhs = torch.empty(rows, k + affine, dtype=f64, device=device)
     if target is None:  # W G[:, P] and W s
-        columns = kept.to(gram.device)
-        for block in blocks_of(k, gram.shape[0]):
-            times_float64(weight, gram[:, columns[block]].to(device, f64), out=rhs[:, block])
+        map_columns(
+            gram, rhs[:, :k], lambda part: times_float64(weight, part, part.new_empty(rows, part.shape[1])), kept
+        )
         if affine:
             times_float64(weight, sums, out=rhs[:, k])
     else:
-        columns = kept.to(target.cross.device)
-        for block in blocks_of(k, rows):
-            rhs[:, block] = target.cross[:, columns[block]]
+        map_columns(target.cross, rhs[:, :k], columns=kept)
         if affine:
             rhs[:, k] = target.sums.to(device, f64)
 
@@ -360,10 +371,9 @@ class CrossValidation:
         sketch = output_sketch(weight.shape[0], weight.device)
         if sketch is None:
             w = weight.to(torch.float64)
-        else:  # S W, a block of W's columns at a time (W in float64 is never whole)
+        else:  # S W, a block of W's columns at a time
             w = torch.empty(sketch.shape[0], weight.shape[1], dtype=torch.float64, device=weight.device)
-            for block in blocks_of(weight.shape[1], weight.shape[0]):
-                w[:, block] = sketch @ weight[:, block].to(torch.float64)
+            map_columns(weight, w, lambda part: sketch @ part)
         kept = kept.to(w.device)
         self.fit, self.prior, self.where = fit, prior, where
         self.folds, self.kept = folds, kept
@@ -372,18 +382,13 @@ class CrossValidation:
         for i, fold in enumerate(folds):
             sums = fold.sums.to(w)
             # W G, a block of G's columns at a time (brought over from where the statistics live)
-            w_gram = torch.empty_like(w)
-            for block in blocks_of(fold.gram.shape[1], fold.gram.shape[0]):
-                w_gram[:, block] = w @ fold.gram[:, block].to(w)
+            w_gram = map_columns(fold.gram, torch.empty_like(w), lambda part: w @ part)
             products = {"pruned": (w_gram[:, kept], w @ sums, float((w_gram * w).sum()))}
             del w_gram
             for name, per_fold in (targets or {}).items():
                 t = per_fold[i]
-                columns = kept.to(t.cross.device)
                 cross = torch.empty(w.shape[0], len(kept), dtype=torch.float64, device=w.device)
-                for block in blocks_of(len(kept), t.cross.shape[0]):  # C[:, P] (sketched), a block at a time
-                    part = t.cross[:, columns[block]].to(w)
-                    cross[:, block] = part if sketch is None else sketch @ part
+                map_columns(t.cross, cross, None if sketch is None else (lambda part: sketch @ part), kept)  # C[:, P]
                 t_sums = t.sums.to(w)
                 products[name] = (
                     cross,
