@@ -333,17 +333,20 @@ def _plan(args: argparse.Namespace, device_memory: float | None, host_memory: fl
     return 0
 
 
-def _available_memory(device: str | None) -> tuple[float | None, float | None]:
-    """GiB available now on the compute device (CUDA) and the host, for --dry_run's verdict."""
+def _memory(device: str | None, whole_device: bool = False) -> tuple[str, float | None, float | None]:
+    """The compute device (None and auto resolved), GiB on it (available now, or in all with ``whole_device``;
+    None off CUDA) and GiB available on the host now."""
     import torch
 
     from grail.calibration import available_ram
 
-    host = available_ram() / 2**30 or None
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     gpu = None
-    if (device or "").startswith("cuda") or (device is None and torch.cuda.is_available()):
-        gpu = torch.cuda.mem_get_info(torch.device(device or "cuda"))[0] / 2**30
-    return gpu, host
+    if device.startswith("cuda"):
+        free, total = torch.cuda.mem_get_info(torch.device(device))
+        gpu = (total if whole_device else free) / 2**30
+    return device, gpu, available_ram() / 2**30 or None
 
 
 def _out_of_memory(err: BaseException) -> bool:
@@ -366,23 +369,19 @@ def _out_of_memory_error(config, err: BaseException) -> OutOfMemory:
 
     import torch
 
-    from grail.calibration import available_ram
     from grail.plan import out_of_memory_advice
 
     first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
     traceback.clear_frames(err.__traceback__)  # the run's tensors go, so the memory available is measured right
     gc.collect()
-    device = config.device
-    if device in (None, "auto"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    on_device = device.startswith("cuda") and ("CUDA" in first_line or "CUBLAS" in first_line)
-    gpu = None
-    if device.startswith("cuda"):
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
-        gpu = torch.cuda.mem_get_info(torch.device(device))[1] / 2**30  # the whole device: the run held what it could
+    # the whole device: the run held what it could of it
+    device, gpu, host = _memory(config.device, whole_device=True)
+    on_device = device.startswith("cuda") and ("CUDA" in first_line or "CUBLAS" in first_line)
     try:
         processes = int(os.environ.get("WORLD_SIZE", "1"))
-        advice = out_of_memory_advice(config, device, on_device, gpu, available_ram() / 2**30 or None, processes)
+        advice = out_of_memory_advice(config, device, on_device, gpu, host, processes)
     except Exception as plan_err:  # the advice must not hide the error itself
         advice = f"no plan could be made ({plan_err})"
     return OutOfMemory(f"out of memory ({first_line}); {advice}. Partial outputs were removed.")
@@ -407,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _set_up_logging(args)
     if args.dry_run:
-        return _guarded(lambda: _plan(args, *_available_memory(args.device)))
+        return _guarded(lambda: _plan(args, *_memory(args.device)[1:]))
 
     def job() -> int:
         from grail.pipeline import run

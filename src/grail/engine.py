@@ -244,7 +244,6 @@ def _prune_layers(
                 run_layer(layer, calib, update=True)
             report.layer_passes += 1
         layer_source.release(index, layer, write=True)
-        return_freed_memory()  # else the heap keeps each layer's freed statistics and grows layer by layer
 
 
 def _cached(cache: dict | None, key: tuple, compute):
@@ -381,8 +380,9 @@ class _LayerStep:
         policy, timer, method = self.policy, self.timer, self.method
         where, mean_bias = self._where(block), self._mean_bias()
         gram_stats, targets = None, {}
-        # What the block before this one freed goes back to the system, so that this block's pass
-        # does not stack on the allocator's leftovers (the heap rarely fits a new pass into them).
+        # What the block or layer before this one freed goes back to the system, so that this
+        # block's pass does not stack on the allocator's leftovers (the heap rarely fits a new pass
+        # into them) and the heap does not grow layer by layer.
         return_freed_memory()
         if self.calib is not None:
             wants_selection = selection is None and (method.uses_activations or mean_bias)

@@ -505,11 +505,12 @@ def _alternatives(s: Setting) -> list[tuple[str, Setting]]:
 
 def _suggestions(shape: ModelShape, s: Setting, device_memory, host_memory) -> list[str]:
     """The flags (alone, then accumulated in order) that make the run fit, each with its predicted peaks."""
-    found, flags, current = [], [], s
-    for flag, alternative in _alternatives(s):
-        single = plan_run(shape, alternative, device_memory, host_memory, suggest=False)
-        if single.fits:
-            found.append(f"{flag}: {_describe(single)}")
+    flags, current = [], s
+    found = [
+        f"{flag}: {_describe(plan)}"
+        for flag, plan in _alternative_plans(shape, s, device_memory, host_memory)
+        if plan.fits
+    ]
     if found:
         return found
     for flag, _ in _alternatives(s):  # none alone: combine them in order
@@ -519,6 +520,14 @@ def _suggestions(shape: ModelShape, s: Setting, device_memory, host_memory) -> l
         if combined.fits:
             return [f"{' + '.join(flags)}: {_describe(combined)}"]
     return ["nothing GRAIL can change fits this memory: use a machine with more memory, or fewer --nsamples"]
+
+
+def _alternative_plans(shape: ModelShape, s: Setting, device_memory, host_memory) -> list[tuple[str, Plan]]:
+    """Each setting of :func:`_alternatives` alone, with its plan."""
+    return [
+        (flag, plan_run(shape, alternative, device_memory, host_memory, suggest=False))
+        for flag, alternative in _alternatives(s)
+    ]
 
 
 def _describe(plan: Plan) -> str:
@@ -572,8 +581,7 @@ def out_of_memory_advice(
     peak = plan.peak_device_bytes if on_device else plan.peak_host_bytes
     text = f"the plan of these flags (grail plan) predicts {peak / GIB:.1f} GiB on the {where}, set by {plan.limiting_stage}"
     options = plan.suggestions or [
-        f"{flag}: {_describe(plan_run(shape, alternative, device_memory, host_memory, suggest=False))}"
-        for flag, alternative in _alternatives(setting)
+        f"{flag}: {_describe(other)}" for flag, other in _alternative_plans(shape, setting, device_memory, host_memory)
     ]
     return f"{text}; settings that need less: {'; '.join(options)}" if options else text
 
