@@ -64,24 +64,48 @@ def test_stats_match_direct_computation():
     assert sum(s.fold_counts) == len(x)
 
 
-def test_gram_and_cross_moments_accumulate_in_row_blocks(monkeypatch):
-    """A batch's products are added a few rows at a time (no product as large as the Gram matrix): the same sums."""
-    from grail.stats import TargetStats
+def test_gram_and_cross_moments_accumulate_in_token_chunks(monkeypatch):
+    """A batch's tokens are added a few at a time (no float64 copy of the whole batch): the same sums."""
+    from grail.stats import TargetStats, token_chunks
 
     x, t = _data(), _data(seed=31)[:, :4]
     whole, whole_target = InputStats(x.shape[1], gram=True), TargetStats(4, x.shape[1])
-    monkeypatch.setattr("grail.compensate.BLOCK_ELEMENTS", 2 * x.shape[1])  # two rows at a time
-    blocked, blocked_target = InputStats(x.shape[1], gram=True), TargetStats(4, x.shape[1])
-    for chunk, target in zip(x.split(50), t.split(50), strict=True):
-        blocked.update(chunk)
-        blocked_target.update(target, chunk)
+    monkeypatch.setattr("grail.compensate.BLOCK_ELEMENTS", 7 * x.shape[1])
+    monkeypatch.setattr("grail.stats.MIN_CHUNK_TOKENS", 1)
+    assert [c.stop - c.start for c in token_chunks(50, x.shape[1])] == [7] * 7 + [1]
+    chunked, chunked_target = InputStats(x.shape[1], gram=True), TargetStats(4, x.shape[1])
+    for batch, target in zip(x.split(50), t.split(50), strict=True):
+        chunked.update(batch)
+        chunked_target.update(target, batch)
     monkeypatch.undo()
-    for chunk, target in zip(x.split(50), t.split(50), strict=True):
-        whole.update(chunk)
-        whole_target.update(target, chunk)
-    torch.testing.assert_close(blocked.gram, whole.gram, rtol=1e-14, atol=0)
-    torch.testing.assert_close(blocked_target.moments().cross, whole_target.moments().cross, rtol=1e-14, atol=0)
-    torch.testing.assert_close(blocked.gram, x.T @ x)
+    for batch, target in zip(x.split(50), t.split(50), strict=True):
+        whole.update(batch)
+        whole_target.update(target, batch)
+    for a, b in ((chunked.gram, whole.gram), (chunked.sum, whole.sum), (chunked.sq_sum, whole.sq_sum)):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=0)
+    chunked_m, whole_m = chunked_target.moments(), whole_target.moments()
+    torch.testing.assert_close(chunked_m.cross, whole_m.cross, rtol=1e-14, atol=0)
+    torch.testing.assert_close(chunked_m.sums, whole_m.sums, rtol=1e-14, atol=0)
+    assert chunked_m.sq == pytest.approx(whole_m.sq, rel=1e-14)
+    torch.testing.assert_close(chunked.gram, x.T @ x)
+
+
+def test_products_for_another_dtype_or_device_are_added_in_row_blocks(monkeypatch):
+    """Where the Gram matrix is of another dtype than the batch (float32 products on CUDA) the product is made a
+    few rows at a time; in the batch's own dtype it is added in place. Both give the same sums."""
+    from grail.stats import _add_product
+
+    x = _data().float()
+    in_place, blocked = torch.zeros(10, 10, dtype=torch.float32), torch.zeros(10, 10, dtype=torch.float64)
+    monkeypatch.setattr("grail.compensate.BLOCK_ELEMENTS", 2 * x.shape[1])  # two rows at a time
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "add_", lambda self, other: calls.append(len(self)) or self.copy_(self + other))
+    _add_product(in_place, x, x)
+    assert calls == []  # in place
+    _add_product(blocked, x, x)
+    assert calls == [2] * 5
+    torch.testing.assert_close(blocked, in_place.double(), rtol=1e-6, atol=1e-3)
+    torch.testing.assert_close(blocked, x.double().T @ x.double(), rtol=1e-6, atol=1e-3)
 
 
 def test_variance_is_not_the_aliased_running_update():
@@ -265,6 +289,42 @@ def test_factor_in_place_equals_cholesky_and_rebuilds_a_singular_matrix():
     rebuilt = a.clone()
     rebuilt.diagonal().add_(jitter * a.diagonal().mean())
     torch.testing.assert_close(factor @ factor.T, rebuilt, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("prior", ["zero", "pruned"])
+@pytest.mark.parametrize("affine", [False, True])
+@pytest.mark.parametrize("singular", [True, False])  # singular: made again with jitter
+def test_solve_in_the_spent_gram_matrix_gives_the_same_fit(affine, prior, singular):
+    """With the Gram matrix spent, the system is made (and after a failed factorisation made again) in the Gram
+    matrix's own memory: the same fit, bit for bit; where the system and its copy do not fit there, G is kept."""
+    x = _data(n=100, h=20, seed=41)
+    if singular:
+        x[:, 2] = x[:, 0]  # two kept units alike
+    w = torch.randn(6, 20, generator=torch.Generator().manual_seed(42))
+    for kept, in_place in ((torch.tensor([0, 2, 3, 7, 8, 11, 12, 15, 16, 19]), True), (torch.arange(17), False)):
+        reference = fit_consumer(w, _stats(x).moments(), kept, 0.0, affine, prior=prior)
+        spent = _stats(x).moments()
+        gram = spent.gram.clone()
+        fit = fit_consumer(w, spent, kept, 0.0, affine, prior=prior, gram_is_spent=True)
+        assert fit.jitter == reference.jitter and (fit.jitter > 0) == singular
+        assert torch.equal(fit.weight, reference.weight)
+        assert fit.bias_shift is None or torch.equal(fit.bias_shift, reference.bias_shift)
+        assert torch.equal(spent.gram, gram) != in_place  # overwritten only where the solve was made in it
+
+
+def test_the_gram_matrix_is_dropped_once_its_solve_is_made_in_it():
+    """Reading a Gram matrix whose memory held a solve is an error, not silently wrong numbers."""
+    from grail.config import PruneConfig
+    from grail.policy import CompensationPolicy
+
+    x = _data(n=200, h=20, seed=43)
+    stats = _stats(x)
+    policy = CompensationPolicy.from_config(PruneConfig(compensate=True, ridge_lambda=0.01))
+    kept = torch.arange(0, 20, 2)
+    update = policy.update(torch.randn(6, 20), None, kept, stats, stats, False, "layer 0 down_proj")
+    assert update.weight.shape == (6, 10)
+    with pytest.raises(RuntimeError, match="without a Gram matrix"):
+        stats.moments()
 
 
 @pytest.mark.parametrize("target", [False, True])

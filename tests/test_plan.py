@@ -281,11 +281,38 @@ print(extra["cross-validation"], extra["solve"])
 """
 
 
+SPENT_SOLVE_MEMORY = """
+import sys, torch
+from grail.compensate import Moments, fit_consumer
+from grail.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+from grail.stats import InputStats
+
+torch.set_num_threads(1)
+g = torch.Generator().manual_seed(0)
+width = 2800
+stats = InputStats(width, gram=True)
+stats.update(torch.randn(1600, width, generator=g) @ (torch.randn(width, width, generator=g) / width**0.5))
+weight = torch.randn(300, width, generator=g)
+half = torch.arange(0, width, 2)  # 50% removed: the system and a copy of G[P, P] fit in G's memory
+fit_consumer(weight[:, :200], Moments(stats.gram[:200, :200].clone(), stats.sum[:200], 1600), half[:100], 0.01, True)
+extra = []
+for spent in (False, True):
+    moments = Moments(stats.gram.clone(), stats.sum, stats.count)
+    before = rss_bytes()
+    reset_peak_rss()
+    fit_consumer(weight, moments, half, 0.01, affine=True, prior="pruned", gram_is_spent=spent)
+    extra.append((peak_rss_bytes() - before) / (8 * len(half) ** 2))
+    del moments
+print(*extra)
+"""
+
+
 def test_solves_hold_one_factor_at_a_time():
     """Measured in a fresh process, in K x K float64 matrices: the final solve holds its system (overwritten by
     its factor) and the right-hand side; cross-validation the training system, the folds' total G[P, P] and one
     fold's, and the folds' sketched products (1.3 at this small K). Before, with each fold's G[P, P], the factor
-    beside its system and W in float64 all kept, they measured 9.4 and 4.6."""
+    beside its system and W in float64 all kept, they measured 9.4 and 4.6. A solve that spends the Gram matrix
+    makes its system there: the right-hand side is all it adds."""
     from grail.memory import reset_peak_rss
 
     if not reset_peak_rss():
@@ -297,3 +324,10 @@ def test_solves_hold_one_factor_at_a_time():
     cross_validation, solve = (float(v) for v in done.stdout.split())
     assert solve < 2.0, solve
     assert cross_validation < 6.0, cross_validation
+    # made in the spent Gram matrix's memory: one K x K matrix less (measured 1.6-1.7 against 0.7-0.8; what
+    # stays is the right-hand side, the prior and the blocks)
+    done = subprocess.run(
+        [sys.executable, "-c", SPENT_SOLVE_MEMORY], capture_output=True, text=True, env=env, check=True
+    )
+    fresh, spent = (float(v) for v in done.stdout.split())
+    assert fresh - spent > 0.7 and spent < 1.0, (fresh, spent)

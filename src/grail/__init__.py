@@ -18,6 +18,7 @@ from __future__ import annotations
 from grail.config import PruneConfig, RunConfig
 from grail.engine import PruneReport, prune_model
 from grail.errors import GrailError
+from grail.memory import settle_allocators
 from grail.methods.flap import FLAPOptions
 from grail.methods.wanda_pp import WandaPPOptions
 from grail.models.gguf_export import save_gguf
@@ -27,6 +28,8 @@ from grail.pipeline import calibration_data, evaluate_perplexity, run
 from grail.plan import plan_config
 
 __version__ = "0.1.0"
+
+settle_allocators()  # before the first matrix product: see its docstring
 
 __all__ = [
     "FLAPOptions",

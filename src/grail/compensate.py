@@ -57,10 +57,14 @@ class SingularSystemError(GrailError, RuntimeError):
 
 
 JITTERS = (0.0, 1e-12, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2)  # relative to the mean diagonal
-# Products with a consumer's weight and its Gram matrix's columns run a block of this many
-# float64 elements at a time (32 MiB), so that neither W in float64 (O x H) nor G[:, P]
+# Products with a consumer's weight and its Gram matrix's columns run a block of at most this
+# many float64 elements at a time (32 MiB), so that neither W in float64 (O x H) nor G[:, P]
 # (H x K) is ever whole: on LLaMA-2-70B's down_proj each would take 1.75-3.1 GiB.
 BLOCK_ELEMENTS = 2**22
+# ... and at most this share of the matrix the blocks make up (but not below MIN_BLOCK_ELEMENTS),
+# so that on narrower models a block stays small beside the Gram matrix itself.
+BLOCK_SHARE = 8
+MIN_BLOCK_ELEMENTS = 2**16
 
 
 def factor_spd(build: Callable[[], Tensor], where: str = "") -> tuple[Tensor, float]:
@@ -138,9 +142,16 @@ def gather_kept(gram: Tensor, kept: Tensor, out: Tensor) -> Tensor:
     return out
 
 
+def block_elements(count: int, size: int) -> int:
+    """Elements in one block of a ``count`` x ``size`` matrix: :data:`BLOCK_ELEMENTS`, or 1 / :data:`BLOCK_SHARE`
+    of the matrix when that is less (but at least :data:`MIN_BLOCK_ELEMENTS`, and a whole row)."""
+    share = max(count * size // BLOCK_SHARE, MIN_BLOCK_ELEMENTS)
+    return max(min(BLOCK_ELEMENTS, share), size)
+
+
 def blocks_of(count: int, size: int) -> list[slice]:
-    """Slices of ``count`` rows (or columns) of ``size`` elements each, at most :data:`BLOCK_ELEMENTS` elements a slice."""
-    step = max(1, BLOCK_ELEMENTS // max(size, 1))
+    """Slices of ``count`` rows (or columns) of ``size`` elements each, :func:`block_elements` elements at most."""
+    step = max(1, block_elements(count, size) // max(size, 1))
     return [slice(start, min(start + step, count)) for start in range(0, count, step)]
 
 
@@ -194,6 +205,41 @@ class ConsumerFit:
     jitter: float = 0.0
 
 
+class KeptGramInPlace:
+    """Writes ``G[P, P]`` into ``G``'s own memory, for a solve that is ``G``'s last use.
+
+    The system (``size`` x ``size``) takes the start of ``G``'s memory and a copy of ``G[P, P]``
+    the part after it, for the rebuilds after a failed factorisation (which overwrites the whole
+    system). The first call gathers ``G[P, P]``: row blocks in increasing order only read rows
+    at or after those they write, as ``P`` is increasing and the system is no wider than ``G``.
+    """
+
+    def __init__(self, gram: Tensor, kept: Tensor, size: int) -> None:
+        k = len(kept)
+        self.gram, self.kept, self.filled = gram, kept, False
+        self.copy = gram.view(-1)[size * size : size * size + k * k].view(k, k)
+
+    @staticmethod
+    def fits(gram: Tensor, kept: Tensor, size: int, device: torch.device) -> bool:
+        """Whether a ``size`` x ``size`` system over ``kept`` and a copy of ``G[P, P]`` fit in ``gram``'s memory
+        (at least 30% of the units removed)."""
+        return (
+            gram.device == device
+            and gram.dtype == torch.float64
+            and gram.is_contiguous()
+            and size * size + len(kept) ** 2 <= gram.numel()
+            and bool((kept[1:] > kept[:-1]).all())
+        )
+
+    def __call__(self, out: Tensor) -> None:
+        if self.filled:
+            out.copy_(self.copy)
+            return
+        gather_kept(self.gram, self.kept, out)
+        self.copy.copy_(out)  # every read of G is done: the rest of its memory is free
+        self.filled = True
+
+
 @dataclass(frozen=True)
 class RidgeSystem:
     """The normal equations of one consumer's fit, for one solve.
@@ -201,8 +247,9 @@ class RidgeSystem:
     The matrix is ``G[P, P]`` (with the constant feature appended for the affine fit:
     ``[[G[P, P], s[P]], [s[P]^T, N]]``), made anew by :meth:`matrix` from ``fill_gram`` (which
     writes ``G[P, P]`` into the K x K block it is given) and factored in place, so a solve holds
-    one K x K matrix. ``rhs`` is the matching ``[W G[:, P], W s]`` (O x K or O x (K + 1)); when
-    ``owns_rhs`` it is overwritten by the solution.
+    one K x K matrix; none when ``storage`` is given, whose memory the matrix is made in (the
+    Gram matrix itself, with :class:`KeptGramInPlace`). ``rhs`` is the matching ``[W G[:, P], W s]``
+    (O x K or O x (K + 1)); when ``owns_rhs`` it is overwritten by the solution.
     """
 
     fill_gram: Callable[[Tensor], object]
@@ -212,12 +259,16 @@ class RidgeSystem:
     kept_count: int
     prior: Tensor | None = None  # W[:, P] (any dtype) when the penalty pulls towards plain pruning
     owns_rhs: bool = False
+    storage: Tensor | None = None
 
     def matrix(self) -> Tensor:
-        """A new, unpenalised system matrix (row-major; it is symmetric)."""
+        """The unpenalised system matrix, made anew (row-major; it is symmetric)."""
         k = self.kept_count
         n = k + (self.sums_p is not None)
-        matrix = torch.empty(n, n, dtype=torch.float64, device=self.rhs.device)
+        if self.storage is not None:
+            matrix = self.storage.view(-1)[: n * n].view(n, n)
+        else:
+            matrix = torch.empty(n, n, dtype=torch.float64, device=self.rhs.device)
         self.fill_gram(matrix[:k, :k])
         if self.sums_p is not None:
             matrix[:k, k] = self.sums_p
@@ -256,13 +307,16 @@ def fit_consumer(
     where: str = "",
     prior: str = "zero",
     target: TargetMoments | None = None,
+    gram_is_spent: bool = False,
 ) -> ConsumerFit:
     """GRAIL's compensated consumer: ``W' = W B`` (and ``W c`` as bias shift when affine).
 
     With ``target`` the fit reproduces that target instead of ``W h``: the right-hand side
     ``W G[:, P]`` becomes ``sum_n t_n h_n[P]^T`` and ``W s`` becomes ``sum_n t_n``.
     Besides ``G`` it holds the right-hand side (overwritten by the solution), one K x K matrix
-    (overwritten by its factor) and blocks of :data:`BLOCK_ELEMENTS`.
+    (overwritten by its factor) and blocks (:func:`block_elements`). With ``gram_is_spent`` (the
+    caller will not read ``G`` again) the K x K matrix is made in ``G``'s memory, which it
+    overwrites, where ``G`` is a float64 matrix on the solve's device.
     """
     device, f64 = weight.device, torch.float64
     gram = moments.gram  # left where the statistics live (host memory beside a GPU): blocks of it come over
@@ -281,14 +335,16 @@ def fit_consumer(
         if affine:
             rhs[:, k] = target.sums.to(device, f64)
 
+    in_place = gram_is_spent and KeptGramInPlace.fits(gram, kept, k + affine, device)
     system = RidgeSystem(
-        lambda out: gather_kept(gram, kept, out),
+        KeptGramInPlace(gram, kept, k + affine) if in_place else (lambda out: gather_kept(gram, kept, out)),
         sums[kept] if affine else None,
         moments.count,
         rhs,
         k,
         weight[:, kept] if prior == "pruned" else None,
         owns_rhs=True,
+        storage=gram if in_place else None,
     )
     return system.solve(lam, where)
 

@@ -240,6 +240,7 @@ def _prune_layers(
         layer_source.load(index, layer)
         step(layer, index, len(layers), {kind: dense.get((index, kind)) for kind in ("attn", "mlp")})
         if calib is not None and index + 1 < len(layers):
+            return_freed_memory()  # the layer's statistics and solves: the output pass starts from what is alive
             with timer.section("calibration"):
                 run_layer(layer, calib, update=True)
             report.layer_passes += 1

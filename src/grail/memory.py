@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 from pathlib import Path
 
 
@@ -38,6 +39,16 @@ def peak_rss_bytes() -> int | None:
 
 def rss_bytes() -> int | None:
     return _status_bytes("VmRSS")
+
+
+def settle_allocators() -> None:
+    """Make MKL (PyTorch's CPU BLAS, where it is built with it) free its matrix products' work buffers when
+    they are done instead of keeping them for reuse, unless the user chose otherwise.
+
+    It must be set before the first product. Kept, those buffers stayed resident beside a layer's
+    statistics and solves (``bench/bench_streaming.py``); letting them go did not slow a run.
+    """
+    os.environ.setdefault("MKL_DISABLE_FAST_MM", "1")
 
 
 def return_freed_memory() -> None:

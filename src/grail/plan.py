@@ -20,9 +20,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
-from grail.compensate import BLOCK_ELEMENTS, SKETCH_ROWS
+from grail.compensate import SKETCH_ROWS, block_elements
 from grail.config import PruneConfig, RunConfig
 from grail.errors import GrailError
+from grail.stats import token_chunks
 
 GIB = 2**30
 F64 = 8
@@ -250,18 +251,22 @@ def stages(shape: ModelShape, s: Setting) -> list[Stage]:
             block.device["pruned layers' new tensors (dense pages still mapped)"] = pruned_copies
         if needed:
             store(block, activations + (dense_copy if targets else 0))
-            # The pass stops at the consumer, whose hook converts its input to the product's dtype
-            # (float64 on the CPU, float32 on CUDA: grail.stats) and, with folds, copies it by fold.
-            # (Its square, for the sum of squares, is not counted: the measured peaks fit better
-            # without it, bench/bench_plan.py.)
+            # The pass stops at the consumer, whose hook copies its input by fold and converts a
+            # chunk of its tokens at a time to the product's dtype (float64 on the CPU, float32 on
+            # CUDA), and squares it for the sum of squares (grail.stats).
             # The block's own intermediates are freed by then but for that input and the residual.
             exact = F64 if s.device == "cpu" else 4
-            hook = batch_tokens * width * (w + exact + (w if folds > 1 else 0)) + 2 * batch_tokens * d * w
+            chunk = token_chunks(batch_tokens, width)[0].stop
+            hook = batch_tokens * width * (w + (w if folds > 1 else 0)) + 2 * chunk * width * exact
+            hook += 2 * batch_tokens * d * w
+            # A chunk's product is added into the Gram matrix in place, but for one of another dtype
+            # (float32 products on CUDA) or device (--stats_device host): a block of rows at a time.
+            product_block = block_elements(width, width) * exact if s.device == "cuda" else 0
             passing = {
                 "layer forward, or the consumer's input and its copies (the larger)": max(
                     forward(batch_tokens, i_w if kind == "MLP" else a_w), hook
                 ),
-                "a block of a batch's Gram product": min(BLOCK_ELEMENTS, width * width) * exact if compensate else 0,
+                "a block of a chunk's Gram product": product_block if compensate else 0,
             }
             block.device |= {k: v for k, v in passing.items() if v}
             block.passing |= set(passing)
@@ -285,7 +290,10 @@ def stages(shape: ModelShape, s: Setting) -> list[Stage]:
             held_for_refit["SlimGPT's damped Hessian, kept for its refit"] = width * width * F64
         if compensate:
             prior_bytes = w if p.prior == "pruned" else 0
-            out += _solve_stages(kind, width, kept, out_dim, folds, targets, auto, block, held_for_refit, prior_bytes)
+            in_place = not host_stats and (kept + 1) ** 2 + kept**2 <= width**2  # grail.compensate.KeptGramInPlace
+            out += _solve_stages(
+                kind, width, kept, out_dim, folds, targets, auto, block, held_for_refit, prior_bytes, in_place
+            )
         surgery = _after(block, f"surgery, {kind} block")
         surgery.device |= held_for_refit
         surgery.device["the block's new, smaller projections"] = int(keep * shape.layer_params() * w / 2)
@@ -322,13 +330,15 @@ def _after(block: Stage, name: str) -> Stage:
     return Stage(name, held(block.device), held(block.host))
 
 
-def _solve_stages(kind, width, kept, out_dim, folds, targets, auto, block, extra, prior_bytes) -> list[Stage]:
+def _solve_stages(kind, width, kept, out_dim, folds, targets, auto, block, extra, prior_bytes, in_place) -> list[Stage]:
     """The consumer's cross-validation (``--ridge_lambda auto``) and final solve, with the block's statistics
     (and ``extra`` device terms) held. ``prior_bytes``: bytes per element of the kept weights the penalty
-    pulls towards (0 for the zero prior)."""
+    pulls towards (0 for the zero prior); ``in_place``: the final system is made in the Gram matrix's memory."""
     k1, out = kept + 1, []
-    # W's rows and G's columns in float64 blocks (G's brought over from the host with --stats_device host)
-    blocks = 2 * min(BLOCK_ELEMENTS, out_dim * width) * F64
+    # W's rows and G's columns in float64 blocks (G's brought over from the host with --stats_device host),
+    # and their product
+    columns = block_elements(kept, width)
+    blocks = (block_elements(out_dim, width) + columns + out_dim * (columns // width)) * F64
     if auto:
         scored = min(out_dim, SKETCH_ROWS)  # cross-validation scores the consumer on a sketch of its outputs
         cv = _after(block, f"cross-validation, {kind} block")
@@ -347,7 +357,8 @@ def _solve_stages(kind, width, kept, out_dim, folds, targets, auto, block, extra
                 terms[name.replace(f"{folds} fold(s)", "folds merged")] = terms.pop(name) // folds
     solve.device |= extra
     solve.device["right-hand side, overwritten by the solution"] = out_dim * k1 * F64
-    solve.device["system, overwritten by its factor"] = k1 * k1 * F64
+    if not in_place:
+        solve.device["system, overwritten by its factor"] = k1 * k1 * F64
     solve.device["blocks of W and G in float64"] = blocks
     if prior_bytes:
         solve.device["kept weights (the penalty's prior)"] = out_dim * kept * prior_bytes

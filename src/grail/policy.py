@@ -181,9 +181,11 @@ class CompensationPolicy:
         elif target != "pruned":
             notes["target"] = target
         target_moments = targets[target].moments() if target != "pruned" else None
+        # This solve is the Gram matrix's last use: its system is made in the Gram matrix's memory.
         fit = fit_consumer(
-            weight, gram_stats.moments(), kept_columns, lam, self.affine, where, self.prior, target_moments
+            weight, gram_stats.moments(), kept_columns, lam, self.affine, where, self.prior, target_moments, True
         )
+        gram_stats.drop_gram()
         if fit.jitter:
             log.info(
                 "%s: kept units' Gram matrix singular; solved with jitter %.0e x its mean diagonal", where, fit.jitter

@@ -11,16 +11,29 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from grail.compensate import Moments, TargetMoments, blocks_of, output_sketch
+from grail.compensate import Moments, TargetMoments, block_elements, blocks_of, output_sketch
 from grail.errors import GrailError
 
 
 def _add_product(total: Tensor, left: Tensor, right: Tensor) -> None:
-    """``total += left^T right``, a block of rows at a time: no product as large as ``total`` is made (on the
-    CPU's float64 products the rows are the same numbers whole or in blocks; on CUDA's float32 products the
-    same up to their round-off)."""
+    """``total += left^T right``. Where ``total`` lives beside the operands, in their dtype, it is added in place
+    (no product matrix is made); otherwise a block of rows at a time is made and brought over."""
+    if total.device == left.device and total.dtype == left.dtype:
+        total.addmm_(left.T, right)
+        return
     for rows in blocks_of(total.shape[0], total.shape[1]):
         total[rows].add_((left[:, rows].T @ right).to(total.device))
+
+
+MIN_CHUNK_TOKENS = 256
+
+
+def token_chunks(n_tokens: int, width: int) -> list[slice]:
+    """Slices of a batch's tokens that statistics of ``width`` features add at a time: the float64 copy of
+    one is no larger than a block of their Gram matrix (:func:`~grail.compensate.block_elements`), and it
+    holds at least :data:`MIN_CHUNK_TOKENS` tokens (fewer make the products slow)."""
+    step = max(block_elements(width, width) // max(width, 1), MIN_CHUNK_TOKENS)
+    return [slice(start, min(start + step, n_tokens)) for start in range(0, n_tokens, step)]
 
 
 def _total(tensors: list[Tensor]) -> Tensor:
@@ -78,14 +91,16 @@ class InputStats:
         # relative instead of 1e-7), which an ill-conditioned Gram matrix would amplify in the
         # solve (and which would make data-parallel runs, whose batches differ, disagree). On
         # CUDA the products stay float32 (TF32 off): consumer GPUs run float64 at 1/32-1/64 speed.
+        # The batch's tokens are added a chunk at a time, so that its float64 copy is never whole.
         x = x.reshape(-1, self.dim)
         exact = torch.float32 if x.device.type == "cuda" and x.dtype != torch.float64 else torch.float64
-        xm = x.to(exact)
         self.fold_counts[fold] += x.shape[0]
-        self.fold_sums[fold] += xm.sum(dim=0, dtype=torch.float64)
-        self.sq_sum += xm.square().sum(dim=0, dtype=torch.float64)
-        if self.fold_grams is not None:
-            _add_product(self.fold_grams[fold], xm, xm)
+        for tokens in token_chunks(x.shape[0], self.dim):
+            xm = x[tokens].to(exact)
+            self.fold_sums[fold] += xm.sum(dim=0, dtype=torch.float64)
+            self.sq_sum += xm.square().sum(dim=0, dtype=torch.float64)
+            if self.fold_grams is not None:
+                _add_product(self.fold_grams[fold], xm, xm)
 
     @property
     def count(self) -> int:
@@ -102,6 +117,10 @@ class InputStats:
         self.fold_sums = [_total_in_place(self.fold_sums)]
         if self.fold_grams is not None:
             self.fold_grams = [_total_in_place(self.fold_grams)]
+
+    def drop_gram(self) -> None:
+        """Forget the Gram matrices (a solve made its system in their memory): reading them later is an error."""
+        self.fold_grams = None
 
     @property
     def sum(self) -> Tensor:
@@ -190,13 +209,16 @@ class TargetStats:
 
     def update(self, target: Tensor, inputs: Tensor, fold: int = 0) -> None:
         """Add tokens' targets ``[n, O]`` and the consumer's inputs ``[n, H]`` to ``fold``."""
-        t = target.reshape(-1, target.shape[-1]).to(torch.float64)
-        h = inputs.reshape(-1, inputs.shape[-1]).to(t)
-        _add_product(self.fold_cross[fold], t, h)
-        self.fold_sums[fold] += t.sum(dim=0)
-        self.fold_sq[fold] += t.square().sum()
-        sketched = t if self.sketch is None else t @ self.sketch.T
-        self.fold_sketch_sq[fold] += sketched.square().sum()
+        target = target.reshape(-1, target.shape[-1])
+        inputs = inputs.reshape(-1, inputs.shape[-1])
+        for tokens in token_chunks(len(target), max(target.shape[1], inputs.shape[1])):
+            t = target[tokens].to(torch.float64)
+            h = inputs[tokens].to(t)
+            _add_product(self.fold_cross[fold], t, h)
+            self.fold_sums[fold] += t.sum(dim=0)
+            self.fold_sq[fold] += t.square().sum()
+            sketched = t if self.sketch is None else t @ self.sketch.T
+            self.fold_sketch_sq[fold] += sketched.square().sum()
 
     def merge_folds(self) -> None:
         """Add the folds into the first one, in place (see :meth:`InputStats.merge_folds`)."""
