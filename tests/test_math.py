@@ -66,6 +66,7 @@ def test_stats_match_direct_computation():
 
 def test_gram_and_cross_moments_accumulate_in_token_chunks(monkeypatch):
     """A batch's tokens are added a few at a time (no float64 copy of the whole batch): the same sums."""
+    import grail.stats
     from grail.stats import TargetStats, token_chunks
 
     x, t = _data(), _data(seed=31)[:, :4]
@@ -74,9 +75,15 @@ def test_gram_and_cross_moments_accumulate_in_token_chunks(monkeypatch):
     monkeypatch.setattr("grail.stats.MIN_CHUNK_TOKENS", 1)
     assert [c.stop - c.start for c in token_chunks(50, x.shape[1])] == [7] * 7 + [1]
     chunked, chunked_target = InputStats(x.shape[1], gram=True), TargetStats(4, x.shape[1])
+    added = []
+    add_product = grail.stats._add_product
+    monkeypatch.setattr(
+        "grail.stats._add_product", lambda total, a, b: added.append(len(a)) or add_product(total, a, b)
+    )
     for batch, target in zip(x.split(50), t.split(50), strict=True):
         chunked.update(batch)
         chunked_target.update(target, batch)
+    assert max(added) == 7 and sum(added) == 2 * len(x)  # every token once, 7 at a time, Gram and cross moment
     monkeypatch.undo()
     for batch, target in zip(x.split(50), t.split(50), strict=True):
         whole.update(batch)

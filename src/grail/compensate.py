@@ -149,10 +149,14 @@ def block_elements(count: int, size: int) -> int:
     return max(min(BLOCK_ELEMENTS, share), size)
 
 
+def slices(count: int, step: int) -> list[slice]:
+    """``0 .. count`` cut into slices of ``step`` (the last one shorter)."""
+    return [slice(start, min(start + step, count)) for start in range(0, count, step)]
+
+
 def blocks_of(count: int, size: int) -> list[slice]:
     """Slices of ``count`` rows (or columns) of ``size`` elements each, :func:`block_elements` elements at most."""
-    step = max(1, block_elements(count, size) // max(size, 1))
-    return [slice(start, min(start + step, count)) for start in range(0, count, step)]
+    return slices(count, max(1, block_elements(count, size) // max(size, 1)))
 
 
 @dataclass(frozen=True)
@@ -220,14 +224,19 @@ class KeptGramInPlace:
         self.copy = gram.view(-1)[size * size : size * size + k * k].view(k, k)
 
     @staticmethod
+    def has_room(gram_elements: int, kept_count: int, size: int) -> bool:
+        """Whether a ``size`` x ``size`` system and a copy of ``G[P, P]`` fit in a Gram matrix of ``gram_elements``
+        (when at least 30% of the units are removed)."""
+        return size * size + kept_count**2 <= gram_elements
+
+    @staticmethod
     def fits(gram: Tensor, kept: Tensor, size: int, device: torch.device) -> bool:
-        """Whether a ``size`` x ``size`` system over ``kept`` and a copy of ``G[P, P]`` fit in ``gram``'s memory
-        (at least 30% of the units removed)."""
+        """Whether the system over ``kept`` can be made in ``gram``'s memory, for a solve on ``device``."""
         return (
             gram.device == device
             and gram.dtype == torch.float64
             and gram.is_contiguous()
-            and size * size + len(kept) ** 2 <= gram.numel()
+            and KeptGramInPlace.has_room(gram.numel(), len(kept), size)
             and bool((kept[1:] > kept[:-1]).all())
         )
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
-from grail.compensate import SKETCH_ROWS, block_elements
+from grail.compensate import SKETCH_ROWS, KeptGramInPlace, block_elements
 from grail.config import PruneConfig, RunConfig
 from grail.errors import GrailError
 from grail.stats import token_chunks
@@ -290,7 +290,7 @@ def stages(shape: ModelShape, s: Setting) -> list[Stage]:
             held_for_refit["SlimGPT's damped Hessian, kept for its refit"] = width * width * F64
         if compensate:
             prior_bytes = w if p.prior == "pruned" else 0
-            in_place = not host_stats and (kept + 1) ** 2 + kept**2 <= width**2  # grail.compensate.KeptGramInPlace
+            in_place = not host_stats and KeptGramInPlace.has_room(width * width, kept, kept + 1)
             out += _solve_stages(
                 kind, width, kept, out_dim, folds, targets, auto, block, held_for_refit, prior_bytes, in_place
             )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from grail.compensate import Moments, TargetMoments, block_elements, blocks_of, output_sketch
+from grail.compensate import Moments, TargetMoments, block_elements, blocks_of, output_sketch, slices
 from grail.errors import GrailError
 
 
@@ -32,8 +32,7 @@ def token_chunks(n_tokens: int, width: int) -> list[slice]:
     """Slices of a batch's tokens that statistics of ``width`` features add at a time: the float64 copy of
     one is no larger than a block of their Gram matrix (:func:`~grail.compensate.block_elements`), and it
     holds at least :data:`MIN_CHUNK_TOKENS` tokens (fewer make the products slow)."""
-    step = max(block_elements(width, width) // max(width, 1), MIN_CHUNK_TOKENS)
-    return [slice(start, min(start + step, n_tokens)) for start in range(0, n_tokens, step)]
+    return slices(n_tokens, max(block_elements(width, width) // max(width, 1), MIN_CHUNK_TOKENS))
 
 
 def _total(tensors: list[Tensor]) -> Tensor:
