@@ -69,6 +69,64 @@ def test_plan_says_what_makes_a_run_fit():
     assert plan_run(shape, _setting(), device_memory=None, host_memory=None).fits is None
 
 
+LLAMA_3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192)  # fmt: skip
+
+
+def test_stats_device_auto_takes_the_host_only_when_the_device_cannot_hold_them():
+    shape = ModelShape.from_config(AutoConfig.for_model("llama", **LLAMA_3_8B))
+    gpu_24gb = 24e9 / GIB
+    planned = {
+        where: plan_run(shape, _setting(ridge_lambda="auto", stats_device=where), device_memory=gpu_24gb)
+        for where in ("device", "host", "auto")
+    }
+    assert planned["device"].fits is False and planned["host"].fits is True
+    assert planned["auto"].stats_device == "host" and planned["auto"].fits is True
+    assert planned["auto"].peak_device_bytes == planned["host"].peak_device_bytes
+    assert any("--stats_device auto chooses host" in note for note in planned["auto"].notes)
+    on_a_big_gpu = plan_run(shape, _setting(ridge_lambda="auto"), device_memory=80e9 / GIB)
+    assert on_a_big_gpu.stats_device == "device"
+    assert (
+        on_a_big_gpu.peak_device_bytes
+        == plan_run(
+            shape, _setting(ridge_lambda="auto", stats_device="device"), device_memory=80e9 / GIB
+        ).peak_device_bytes
+    )
+    # the margin: a device just large enough for the plan's peak is not chosen (where the activations live
+    # also depends on the device's memory, so the peak is that of a device that holds them)
+    peak = on_a_big_gpu.peak_device_bytes
+    assert plan_run(shape, _setting(ridge_lambda="auto"), device_memory=peak / GIB).stats_device == "host"
+    assert plan_run(shape, _setting(ridge_lambda="auto"), device_memory=peak / 0.949 / GIB).stats_device == "device"
+    # nothing to choose: no solves, the CPU, or an unknown device memory
+    assert plan_run(shape, _setting(compensate=False), device_memory=1.0).stats_device == "device"
+    assert plan_run(shape, replace(_setting(), device="cpu"), device_memory=1.0).stats_device == "device"
+    assert plan_run(shape, _setting(ridge_lambda="auto")).stats_device == "device"
+
+
+def test_a_run_makes_stats_device_auto_definite_from_its_plan(monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+    from conftest import random_windows, tiny_model
+
+    import grail.plan
+    from grail.engine import definite_stats_device, prune_model
+
+    model = tiny_model("llama", 6, 2, layers=2)
+    windows = random_windows(8, 16)
+    config = PruneConfig(prune_method="wanda_sp", pruning_ratio=0.3, nsamples=8, compensate=True)
+    assert config.stats_device == "auto"
+    report = prune_model(tiny_model("llama", 6, 2, layers=2), windows, config, progress=False)
+    assert report.stats_device == "device" and report.as_dict()["stats_device"] == "device"  # the CPU: one memory
+    gpu_weight = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16)
+    monkeypatch.setattr(model, "get_input_embeddings", lambda: SimpleNamespace(weight=gpu_weight))
+    for memory, expected in ((GIB // 100, "host"), (100 * GIB, "device")):
+        monkeypatch.setattr(grail.plan, "device_memory_of_run", lambda device, memory=memory: memory)
+        assert definite_stats_device(config, model, windows, streaming=False).stats_device == expected
+    given = replace(config, stats_device="device")
+    assert definite_stats_device(given, model, windows, streaming=False) is given
+
+
 def test_grail_plan_from_a_config_alone(tmp_path, capsys):
     from grail.cli import main
 

@@ -27,7 +27,7 @@ PRIORS = ("zero", "pruned")  # what the ridge penalty pulls the reconstruction t
 LAMBDA_SEARCHES = ("local", "full")  # how --ridge_lambda auto walks its grid
 GRAIL_TARGETS = ("pruned", "dense", "residual", "auto")  # what a compensated consumer reproduces
 ATTENTION_UNITS = ("group", "query")
-STATS_DEVICES = ("device", "host")  # where --stats_device keeps the Gram matrices
+STATS_DEVICES = ("auto", "device", "host")  # where --stats_device keeps the Gram matrices
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # weight formats of --save_gguf
 DATA_DIR_ENV = "GRAIL_DATA_DIR"
 
@@ -211,10 +211,12 @@ class PruneConfig:
     )
     calib_batch_size: int = option(8, "calibration windows per forward batch", minimum=1)
     stats_device: str = option(
-        "device",
+        "auto",
         "where the float64 Gram matrices (and the dense-target cross moments) accumulate: device (the compute "
-        "device) or host (CPU memory: each batch's product is copied over and the solves bring one matrix at a time "
-        "to the device; for GPUs that cannot hold every fold's Gram matrix beside the model). Same results.",
+        "device), host (CPU memory: each batch's product is copied over and the solves bring one matrix at a time "
+        "to the device; for GPUs that cannot hold every fold's Gram matrix beside the model), or auto: host when "
+        "the run's plan (grail plan) puts the GPU's peak above 95 percent of its memory with them on it, else device. "
+        "Same results.",
         group="compensation",
         choices=STATS_DEVICES,
     )

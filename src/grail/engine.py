@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +55,7 @@ class PruneReport:
     underdetermined: int = 0  # compensated consumers with fewer calibration tokens than kept inputs (fixed lambda)
     n_layers: int = 0
     calibration_windows: int = 0
+    stats_device: str | None = None  # where the statistics accumulated (--stats_device, made definite)
 
     @property
     def removed_fraction(self) -> float:
@@ -80,6 +81,7 @@ class PruneReport:
             "pruning_ratio": self.pruning_ratio,
             "calibration_windows": self.calibration_windows,
             "model_passes": round(self.model_passes, 3),
+            "stats_device": self.stats_device,
             "blocks": self.blocks,
         }
 
@@ -177,6 +179,8 @@ def prune_model(
     needed = config.windows_needed(method.uses_activations)
     if config.pruning_ratio == 0:
         return report
+    config = definite_stats_device(config, model, windows, streaming=not getattr(layer_source, "resident", False))
+    report.stats_device = config.stats_device
     # Limits that depend on the model's shapes, before any calibration (meta layers have shapes too).
     method.allocator.check(
         [layer_blocks(arch, i, layer, config.attention_unit)["attn"].units() for i, layer in enumerate(layers)]
@@ -545,6 +549,35 @@ def _block_taps(
     if gram_stats is not None:
         taps.append((gram_stats, config.gram_nsamples))
     return selection, gram_stats, taps
+
+
+def definite_stats_device(
+    config: PruneConfig, model: nn.Module, windows: Tensor | None, streaming: bool
+) -> PruneConfig:
+    """``config`` with ``--stats_device auto`` made ``device`` or ``host`` for this run from its plan
+    (:func:`grail.plan.choose_stats_device`, against the memory the GPU has now)."""
+    if config.stats_device != "auto":
+        return config
+    weight = model.get_input_embeddings().weight
+    chosen = "device"
+    if weight.device.type == "cuda" and config.compensate and windows is not None:
+        from grail.plan import ModelShape, Setting, choose_stats_device, device_memory_of_run
+
+        setting = Setting(
+            prune=config,
+            seqlen=windows.shape[1],
+            dtype=str(weight.dtype).removeprefix("torch."),
+            device="cuda",
+            mode="streaming" if streaming else "memory",
+            spill=config.offload_activations is not None,
+            processes=distributed.world_size(),
+            device_memory=device_memory_of_run(weight.device),
+        )
+        chosen, why = choose_stats_device(ModelShape.from_config(model.config), setting)
+        if "host" in distributed.all_gather_objects(chosen):  # every rank alike: where one process needs it
+            chosen = "host"
+        log.info("--stats_device auto: the statistics accumulate on the %s (%s)", chosen, why)
+    return replace(config, stats_device=chosen)
 
 
 def statistics_device(config: PruneConfig, compute: torch.device) -> torch.device:
