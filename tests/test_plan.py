@@ -97,10 +97,29 @@ def test_stats_device_auto_takes_the_host_only_when_the_device_cannot_hold_them(
     peak = on_a_big_gpu.peak_device_bytes
     assert plan_run(shape, _setting(ridge_lambda="auto"), device_memory=peak / GIB).stats_device == "host"
     assert plan_run(shape, _setting(ridge_lambda="auto"), device_memory=peak / 0.949 / GIB).stats_device == "device"
+    # where the statistics do not set the peak (here a wide evaluation batch does), the host would not lower it,
+    # and they stay on the device even when nothing fits
+    evaluating = replace(_setting(), eval_windows=160, eval_batch_size=64)
+    sets_it = {
+        w: plan_run(shape, replace(evaluating, prune=replace(evaluating.prune, stats_device=w)), device_memory=20.0)
+        for w in ("device", "host")
+    }
+    assert sets_it["device"].limiting_stage == "evaluation" and sets_it["device"].fits is False
+    assert sets_it["device"].peak_device_bytes == sets_it["host"].peak_device_bytes
+    assert plan_run(shape, evaluating, device_memory=20.0).stats_device == "device"
     # nothing to choose: no solves, the CPU, or an unknown device memory
     assert plan_run(shape, _setting(compensate=False), device_memory=1.0).stats_device == "device"
     assert plan_run(shape, replace(_setting(), device="cpu"), device_memory=1.0).stats_device == "device"
     assert plan_run(shape, _setting(ridge_lambda="auto")).stats_device == "device"
+
+
+def test_stats_device_auto_keeps_every_fix_in_the_suggestions():
+    shape = ModelShape.from_config(AutoConfig.for_model("llama", **LLAMA_2_70B))
+    plan = plan_run(shape, _setting(ridge_lambda="auto"), device_memory=74.5, host_memory=16)
+    assert plan.fits is False and plan.stats_device == "host"
+    # streamed, auto puts the statistics back on the GPU, and that alone fits
+    streamed = next(s for s in plan.suggestions if s.startswith("--offload"))
+    assert "device 36.5 GiB" in streamed
 
 
 def test_a_run_makes_stats_device_auto_definite_from_its_plan(monkeypatch):
@@ -109,20 +128,51 @@ def test_a_run_makes_stats_device_auto_definite_from_its_plan(monkeypatch):
     import torch
     from conftest import random_windows, tiny_model
 
+    import grail.distributed
     import grail.plan
     from grail.engine import definite_stats_device, prune_model
 
     model = tiny_model("llama", 6, 2, layers=2)
     windows = random_windows(8, 16)
-    config = PruneConfig(prune_method="wanda_sp", pruning_ratio=0.3, nsamples=8, compensate=True)
+    config = PruneConfig(prune_method="wanda_sp", pruning_ratio=0.3, nsamples=8, compensate=True, ridge_lambda="auto")
     assert config.stats_device == "auto"
     report = prune_model(tiny_model("llama", 6, 2, layers=2), windows, config, progress=False)
     assert report.stats_device == "device" and report.as_dict()["stats_device"] == "device"  # the CPU: one memory
+
+    # a model on a GPU (faked: only the planning reads where it is)
     gpu_weight = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16)
     monkeypatch.setattr(model, "get_input_embeddings", lambda: SimpleNamespace(weight=gpu_weight))
-    for memory, expected in ((GIB // 100, "host"), (100 * GIB, "device")):
-        monkeypatch.setattr(grail.plan, "device_memory_of_run", lambda device, memory=memory: memory)
-        assert definite_stats_device(config, model, windows, streaming=False).stats_device == expected
+    planned, choose = [], grail.plan.choose_stats_device
+    monkeypatch.setattr(
+        grail.plan, "choose_stats_device", lambda shape, s: planned.append((shape, s)) or choose(shape, s)
+    )
+
+    def chosen_with(memory: int, config=config) -> str:
+        monkeypatch.setattr(grail.plan, "device_memory_of_run", lambda device, model_bytes: memory)
+        return definite_stats_device(config, model, windows, streaming=False).stats_device
+
+    assert chosen_with(100 * GIB) == "device"
+    shape, setting = planned[-1]
+    assert (setting.seqlen, setting.dtype, setting.device, setting.mode, setting.processes) == (
+        16,
+        "bfloat16",
+        "cuda",
+        "memory",
+        1,
+    )
+    assert setting.device_memory == 100 * GIB and shape == ModelShape.from_config(model.config)
+    # between the two plans' peaks: the host, which fits; below both it still lowers the peak
+    peaks = {
+        where: plan_run(shape, replace(setting, prune=replace(config, stats_device=where))).peak_device_bytes
+        for where in ("device", "host")
+    }
+    assert peaks["host"] < peaks["device"]
+    assert chosen_with(int(peaks["device"] / 0.949)) == "device"
+    assert chosen_with(int(peaks["device"] / 0.95) - 2**20) == "host"
+    assert chosen_with(peaks["host"] // 2) == "host"
+    # every rank takes the host where one needs it
+    monkeypatch.setattr(grail.distributed, "all_gather_objects", lambda obj: ["device", "host"])
+    assert chosen_with(100 * GIB) == "host"
     given = replace(config, stats_device="device")
     assert definite_stats_device(given, model, windows, streaming=False) is given
 

@@ -571,13 +571,19 @@ def definite_stats_device(
             mode="streaming" if streaming else "memory",
             spill=config.offload_activations is not None,
             processes=distributed.world_size(),
-            device_memory=device_memory_of_run(weight.device),
+            device_memory=device_memory_of_run(weight.device, _bytes_on(model, weight.device)),
         )
         chosen, why = choose_stats_device(ModelShape.from_config(model.config), setting)
         if "host" in distributed.all_gather_objects(chosen):  # every rank alike: where one process needs it
             chosen = "host"
         log.info("--stats_device auto: the statistics accumulate on the %s (%s)", chosen, why)
     return replace(config, stats_device=chosen)
+
+
+def _bytes_on(model: nn.Module, device: torch.device) -> int:
+    """Bytes of ``model``'s parameters and buffers on ``device``."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors if t.device == device)
 
 
 def statistics_device(config: PruneConfig, compute: torch.device) -> torch.device:

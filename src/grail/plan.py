@@ -27,7 +27,7 @@ from grail.stats import token_chunks
 
 GIB = 2**30
 F64 = 8
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 # Resident memory of the Python process with torch, transformers and GRAIL imported and a
 # tokenizer and the tokenised text loaded, before any weight (measured: 0.38 GiB after the imports
 # and 0.58 GiB with WikiText-2 tokenised, on the CPU machines here); a
@@ -467,7 +467,7 @@ def plan_run(
     """The predicted peaks of a run; with memory limits (GiB), whether it fits and what would make it fit."""
     if device_memory is not None and setting.device_memory is None:
         setting = replace(setting, device_memory=int(device_memory * GIB))
-    notes = []
+    notes, asked = [], setting
     if setting.prune.stats_device == "auto":
         chosen, why = choose_stats_device(shape, setting)
         setting = replace(setting, prune=replace(setting.prune, stats_device=chosen))
@@ -502,13 +502,15 @@ def plan_run(
             f"peak_host_bytes sums the {setting.processes} processes; each stage's figures are per process"
         )
     if fits is False and suggest:
-        plan.suggestions = _suggestions(shape, setting, device_memory, host_memory)
+        plan.suggestions = _suggestions(shape, asked, device_memory, host_memory)  # auto stays a choice in each
     return plan
 
 
 def choose_stats_device(shape: ModelShape, setting: Setting) -> tuple[str, str]:
     """``--stats_device auto`` made definite for a run, and why: ``host`` when, with the statistics on the GPU,
-    the plan's peak there is above :data:`STATS_ON_DEVICE_SHARE` of ``setting.device_memory``; else ``device``."""
+    the plan's peak there is above :data:`STATS_ON_DEVICE_SHARE` of ``setting.device_memory`` and the host
+    lowers it (a peak the statistics do not set, such as loading, stays where it is and costs no time);
+    else ``device``."""
     p = setting.prune
     if p.stats_device != "auto":
         return p.stats_device, "given"
@@ -516,20 +518,27 @@ def choose_stats_device(shape: ModelShape, setting: Setting) -> tuple[str, str]:
         return "device", "the statistics are on the host either way" if setting.device != "cuda" else "no solves"
     if setting.device_memory is None:
         return "device", "the device's memory is not known (give --device_memory)"
-    peak = _peaks(stages(shape, replace(setting, prune=replace(p, stats_device="device"))))[1]
-    share = f"{peak / GIB:.1f} GiB of the device's {setting.device_memory / GIB:.1f} GiB"
-    if peak <= STATS_ON_DEVICE_SHARE * setting.device_memory:
+    peak = {
+        where: _peaks(stages(shape, replace(setting, prune=replace(p, stats_device=where))))[1]
+        for where in ("device", "host")
+    }
+    share = f"{peak['device'] / GIB:.1f} GiB of the device's {setting.device_memory / GIB:.1f} GiB"
+    if peak["device"] <= STATS_ON_DEVICE_SHARE * setting.device_memory:
         return "device", f"the plan with them there needs {share}"
-    return "host", f"the plan with them on the device would need {share}"
+    if peak["host"] >= peak["device"]:
+        return "device", f"the plan needs {share} wherever they are"
+    return "host", f"the plan with them on the device would need {share}, on the host {peak['host'] / GIB:.1f} GiB"
 
 
-def device_memory_of_run(device) -> int:
+def device_memory_of_run(device, model_bytes: int) -> int:
     """Bytes of a CUDA device that a run already under way has to plan with: what is free, what PyTorch's cache
-    holds (the model's weights are in it, and the plan counts them) and the CUDA context, at most the whole device."""
+    holds unused, the model's own tensors there (the plan counts them) and the CUDA context; at most the whole
+    device. Other tensors of the process are not counted: the run cannot use their memory."""
     import torch
 
     free, total = torch.cuda.mem_get_info(device)
-    return min(total, free + torch.cuda.memory_reserved(device) + CUDA_CONTEXT_BYTES)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return min(total, free + cached + model_bytes + CUDA_CONTEXT_BYTES)
 
 
 def _alternatives(s: Setting) -> list[tuple[str, Setting]]:
@@ -538,7 +547,7 @@ def _alternatives(s: Setting) -> list[tuple[str, Setting]]:
     out = []
     if p.calib_batch_size > 1:
         out.append(("--calib_batch_size 1", replace(s, prune=replace(p, calib_batch_size=1))))
-    if p.compensate and p.stats_device != "host" and s.device == "cuda":
+    if p.compensate and p.stats_device == "device" and s.device == "cuda":  # auto takes the host itself
         out.append(("--stats_device host", replace(s, prune=replace(p, stats_device="host"))))
     if not s.spill:
         out.append(("--offload_activations DIR", replace(s, spill=True)))
@@ -590,8 +599,9 @@ def _describe(plan: Plan) -> str:
 def setting_from_config(config: RunConfig, processes: int = 1, device: str | None = None) -> Setting:
     """The :class:`Setting` of a run described by ``config`` (``processes``: torchrun ranks)."""
     from grail.models.loading import resolve_model
+    from grail.pipeline import default_device
 
-    device = device or config.device or "cpu"
+    device = device or config.device or default_device()  # the device the run itself would take
     if device == "auto":
         raise GrailError("grail plan predicts one device; give --device cpu or --device cuda.")
     eval_windows = 0
