@@ -561,6 +561,7 @@ def definite_stats_device(
     weight = model.get_input_embeddings().weight
     chosen = "device"
     if weight.device.type == "cuda" and config.compensate and windows is not None:
+        from grail.models.loading import model_bytes
         from grail.plan import ModelShape, Setting, choose_stats_device, device_memory_of_run
 
         setting = Setting(
@@ -571,19 +572,13 @@ def definite_stats_device(
             mode="streaming" if streaming else "memory",
             spill=config.offload_activations is not None,
             processes=distributed.world_size(),
-            device_memory=device_memory_of_run(weight.device, _bytes_on(model, weight.device)),
+            device_memory=device_memory_of_run(weight.device, model_bytes(model, weight.device)),
         )
         chosen, why = choose_stats_device(ModelShape.from_config(model.config), setting)
-        if "host" in distributed.all_gather_objects(chosen):  # every rank alike: where one process needs it
-            chosen = "host"
+        if "host" in distributed.all_gather_objects(chosen) and chosen != "host":  # every rank alike
+            chosen, why = "host", "another process needs it"
         log.info("--stats_device auto: the statistics accumulate on the %s (%s)", chosen, why)
     return replace(config, stats_device=chosen)
-
-
-def _bytes_on(model: nn.Module, device: torch.device) -> int:
-    """Bytes of ``model``'s parameters and buffers on ``device``."""
-    tensors = [*model.parameters(), *model.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors if t.device == device)
 
 
 def statistics_device(config: PruneConfig, compute: torch.device) -> torch.device:

@@ -512,8 +512,6 @@ def choose_stats_device(shape: ModelShape, setting: Setting) -> tuple[str, str]:
     lowers it (a peak the statistics do not set, such as loading, stays where it is and costs no time);
     else ``device``."""
     p = setting.prune
-    if p.stats_device != "auto":
-        return p.stats_device, "given"
     if setting.device != "cuda" or not p.compensate:
         return "device", "the statistics are on the host either way" if setting.device != "cuda" else "no solves"
     if setting.device_memory is None:

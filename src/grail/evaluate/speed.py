@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from grail.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+from grail.models.loading import model_bytes
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,7 @@ def _vocab_size(model) -> int:
 def _weights_bytes(model) -> int:
     if _is_gguf(model):
         return Path(model).stat().st_size
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    return model_bytes(model)
 
 
 def format_speed(figures: dict) -> str:

@@ -143,5 +143,6 @@ def _refuse_mismatch(name: str, info: dict) -> None:
         )
 
 
-def model_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+def model_bytes(model: nn.Module, device: torch.device | None = None) -> int:
+    """Bytes of ``model``'s parameters (only those on ``device``, when given)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if device is None or p.device == device)
