@@ -183,7 +183,15 @@ class CompensationPolicy:
         target_moments = targets[target].moments() if target != "pruned" else None
         # This solve is the Gram matrix's last use: its system is made in the Gram matrix's memory.
         fit = fit_consumer(
-            weight, gram_stats.moments(), kept_columns, lam, self.affine, where, self.prior, target_moments, True
+            weight,
+            gram_stats.moments(),
+            kept_columns,
+            lam,
+            self.affine,
+            where,
+            self.prior,
+            target_moments,
+            gram_is_spent=True,
         )
         gram_stats.drop_gram()
         if fit.jitter:
