@@ -11,6 +11,7 @@ import torch
 from grail.compensate import (
     LAMBDA_GRID,
     ConsumerFit,
+    CrossValidation,
     cholesky_solve_,
     choose_lambda,
     factor_spd,
@@ -504,11 +505,36 @@ def test_grid_descent_finds_the_minimum_of_one_valley_from_every_start(seed):
             calls.append(lam)
             return values[grid.index(lam)]
 
-        scored = grid_descent(score, grid, start)
+        batches: list[list[float]] = []
+        scored = grid_descent(score, grid, start, prefetch=batches.append)
         assert min(scored, key=scored.get) == grid[bottom]
         assert len(calls) == len(set(calls)) == len(scored)  # each candidate scored once
+        # every candidate is announced once, before it is scored: the first step's together, then one per step
+        assert sorted(lam for batch in batches for lam in batch) == sorted(scored)
+        assert [len(b) for b in batches[1:]] == [1] * (len(batches) - 1)
+        assert len(batches[0]) == (2 if start in (grid[0], grid[-1]) else 3)
         assert len(scored) <= 3 + abs(grid.index(start) - bottom)
         assert list(scored) == sorted(scored)
+
+
+def test_cross_validation_scores_a_batch_of_candidates_a_fold_at_a_time(monkeypatch):
+    """A batch gathers each fold's G[P, P] once for all its candidates, and scores them as one at a time does."""
+    x = _data(n=200, h=10, seed=19)
+    w = torch.randn(6, 10, generator=torch.Generator().manual_seed(20))
+    kept = torch.tensor([0, 2, 3, 5, 7, 9])
+    folds = _fold_stats(x, 4).fold_moments()
+    one_at_a_time = CrossValidation(w, folds, kept, "affine", True, "pruned")
+    expected = {lam: one_at_a_time.heldout_error(lam) for lam in (None, 1e-3, 1e-2, 1e-1)}
+    batched = CrossValidation(w, folds, kept, "affine", True, "pruned")
+    gathered = []
+    gather = batched.fold_gram_pp
+    monkeypatch.setattr(batched, "fold_gram_pp", lambda i: gathered.append(i) or gather(i))
+    batched.score([1e-3, None, 1e-2, 1e-1, 1e-2])
+    assert gathered == [0, 1, 2, 3]
+    assert {lam: batched.heldout_error(lam) for lam in expected} == expected  # bit-identical
+    assert gathered == [0, 1, 2, 3]  # nothing solved again
+    batched.score([1e-3, 1.0])
+    assert gathered == [0, 1, 2, 3] * 2
 
 
 def test_grid_descent_hand_cases():

@@ -509,8 +509,7 @@ class CrossValidation:
             prior = self.w_kept.repeat(len(names), 1) if len(names) > 1 else self.w_kept
 
         def fill_gram(out: Tensor) -> None:
-            out.copy_(self.full_gram_pp)
-            out.sub_(fold_gram_pp)
+            torch.sub(self.full_gram_pp, fold_gram_pp, out=out)
 
         return RidgeSystem(fill_gram, t["sums_p"] if affine else None, t["count"], rhs, len(self.kept), prior, owns_rhs)
 
@@ -531,11 +530,27 @@ class CrossValidation:
             fits[name] = ConsumerFit(solved.weight[part], bias, solved.jitter)
         return fits
 
-    def _fold_terms(self, i: int, lam: float | None) -> dict[tuple[str, str], tuple[float, float | None]]:
-        """Fold ``i``'s held-out error of each target's fit at ``lam`` against each target: (weight term, bias term)."""
+    def score(self, lams: Sequence[float | None]) -> None:
+        """Solve and score every candidate of ``lams`` not scored yet, a fold at a time (None: the uncompensated
+        consumer), so that each fold's ``G[P, P]`` is gathered once for all of them; the scores are the same."""
+        for i in range(len(self.stats)):
+            todo = [lam for lam in dict.fromkeys(lams) if (i, lam) not in self._terms]
+            if todo:
+                gram_pp = self.fold_gram_pp(i)
+                for lam in todo:
+                    self._fold_terms(i, lam, gram_pp)
+                del gram_pp
+
+    def _fold_terms(
+        self, i: int, lam: float | None, gram_pp: Tensor | None = None
+    ) -> dict[tuple[str, str], tuple[float, float | None]]:
+        """Fold ``i``'s held-out error of each target's fit at ``lam`` against each target: (weight term, bias term).
+        ``gram_pp`` is the fold's ``G[P, P]`` when the caller has it."""
         key = (i, lam)
         if key not in self._terms:
-            f, gram_pp = self.stats[i], self.fold_gram_pp(i)
+            f = self.stats[i]
+            if gram_pp is None:
+                gram_pp = self.fold_gram_pp(i)
             terms = {}
             for target, c in self.candidate(i, lam, gram_pp).items():
                 new_w = c.weight
@@ -578,10 +593,13 @@ class CrossValidation:
         if search not in LAMBDA_SEARCHES:
             raise ValueError(f"search must be one of {LAMBDA_SEARCHES}, got {search!r}")
         score = lambda lam: self.heldout_error(lam, target)  # noqa: E731
+        # each batch of candidates is solved a fold at a time, with the uncompensated consumer (the guard's yardstick)
+        batch = lambda lams: self.score([*lams, None])  # noqa: E731
         if search == "full":
+            batch(grid)
             errors = {lam: score(lam) for lam in grid}
         else:
-            errors = grid_descent(score, grid, LAMBDA_START if start is None else start)
+            errors = grid_descent(score, grid, LAMBDA_START if start is None else start, batch)
         best = min(errors, key=errors.get)
         return LambdaChoice(best, errors[best], self.heldout_error(None, score_on=target), errors)
 
@@ -663,7 +681,12 @@ def choose_target(
     return TargetChoice(best, choices[best].lam, choices, errors, plain)
 
 
-def grid_descent(score: Callable[[float], float], grid: Sequence[float], start: float) -> dict[float, float]:
+def grid_descent(
+    score: Callable[[float], float],
+    grid: Sequence[float],
+    start: float,
+    prefetch: Callable[[list[float]], object] | None = None,
+) -> dict[float, float]:
     """The scores of the grid points a descent from ``start`` visits, in grid order.
 
     From the grid point nearest ``start`` (on a log scale) it moves to the lower of the two
@@ -673,7 +696,9 @@ def grid_descent(score: Callable[[float], float], grid: Sequence[float], start: 
     scores along the grid fall strictly to their minimum and then rise or stay (one valley),
     the stop is the grid's minimum, found with ``3 + distance`` scores (2 + distance at an end
     of the grid) instead of ``len(grid)``; where they have several valleys (or a flat stretch
-    on the falling side) it is the bottom of the valley ``start`` lies in.
+    on the falling side) it is the bottom of the valley ``start`` lies in. ``prefetch`` is given
+    the grid values of each step that are not scored yet, before ``score`` is asked for them
+    (all three at the first step, one after), so that they can be computed together.
     """
     smallest = min((v for v in grid if v > 0), default=1.0)
     position = lambda v: math.log10(v) if v > 0 else math.log10(smallest) - 1  # noqa: E731 (0: a decade below)
@@ -687,7 +712,10 @@ def grid_descent(score: Callable[[float], float], grid: Sequence[float], start: 
 
     here = nearest
     while True:
-        lowest = min((i for i in (here - 1, here, here + 1) if 0 <= i < len(grid)), key=key)
+        step = [i for i in (here - 1, here, here + 1) if 0 <= i < len(grid)]
+        if prefetch is not None and any(i not in scores for i in step):
+            prefetch([grid[i] for i in step if i not in scores])
+        lowest = min(step, key=key)
         if lowest == here:
             break
         here = lowest
