@@ -297,6 +297,31 @@ def test_factor_in_place_equals_cholesky_and_rebuilds_a_singular_matrix():
     rebuilt = a.clone()
     rebuilt.diagonal().add_(jitter * a.diagonal().mean())
     torch.testing.assert_close(factor @ factor.T, rebuilt, rtol=1e-10, atol=1e-10)
+    # known to be singular: no attempt without jitter, the same factor
+    attempts = len(built)
+    built.clear()
+    known, known_jitter = factor_spd(build, singular=True)
+    assert known_jitter == jitter and len(built) == attempts - 1
+    torch.testing.assert_close(known, factor, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_a_fit_from_fewer_tokens_than_unknowns_starts_with_jitter(monkeypatch, affine):
+    """Unpenalised, the Gram matrix of fewer tokens than kept units (plus the constant) is singular: its solve
+    starts at the first jitter; with a penalty, or with as many tokens as unknowns, it starts at none."""
+    import grail.compensate as compensate
+
+    calls = []
+    real = compensate.factor_spd
+    monkeypatch.setattr(compensate, "factor_spd", lambda *a, **k: calls.append(k["singular"]) or real(*a, **k))
+    w = torch.randn(4, 10, generator=torch.Generator().manual_seed(22))
+    kept = torch.arange(8)
+    tokens = 8 + affine  # the system's size
+    few = _stats(_data(n=tokens - 1, h=10, seed=23)).moments()
+    assert fit_consumer(w, few, kept, 0.0, affine).jitter > 0
+    fit_consumer(w, few, kept, 1e-3, affine)
+    fit_consumer(w, _stats(_data(n=tokens, h=10, seed=23)).moments(), kept, 0.0, affine)
+    assert calls == [True, False, False]
 
 
 @pytest.mark.parametrize("prior", ["zero", "pruned"])

@@ -67,16 +67,19 @@ BLOCK_SHARE = 8
 MIN_BLOCK_ELEMENTS = 2**16
 
 
-def factor_spd(build: Callable[[], Tensor], where: str = "") -> tuple[Tensor, float]:
+def factor_spd(build: Callable[[], Tensor], where: str = "", singular: bool = False) -> tuple[Tensor, float]:
     """The lower Cholesky factor ``L`` of the symmetric positive (semi-)definite float64 ``build()``.
 
     ``build()`` returns a new matrix at each call, which is factored in place: no second
     K x K matrix is held. A singular matrix is built again with the smallest diagonal jitter
     of :data:`JITTERS` (times its mean diagonal) that makes it factor; the jitter used is
     returned so callers can report it. ``L`` is a column-major view of the built matrix.
+    A matrix the caller knows to be ``singular`` starts at the first nonzero jitter: factoring
+    it without one fails after nearly a whole factorisation's work (or leaves pivots at
+    round-off level, whose solve is noise).
     """
     scale = None
-    for jitter in JITTERS:
+    for jitter in JITTERS[1:] if singular else JITTERS:
         system = build()
         if scale is None:
             scale = system.diagonal().mean().abs().item() or 1.0
@@ -298,7 +301,9 @@ class RidgeSystem:
                 matrix.diagonal()[:k] += penalty
             return matrix
 
-        factor, jitter = factor_spd(penalised, where)
+        # A Gram matrix of fewer tokens than unknowns has a rank below its size: unpenalised, it is singular.
+        singular = lam == 0 and self.count < k + (self.sums_p is not None)
+        factor, jitter = factor_spd(penalised, where, singular=singular)
         rhs = self.rhs if self.owns_rhs else self.rhs.clone()
         if penalty and self.prior is not None:
             for block in blocks_of(k, self.prior.shape[0]):
