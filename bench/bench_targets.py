@@ -99,17 +99,17 @@ def main() -> None:
                         "chosen": dict(chosen),
                     }
                     models[target] = model
-                    print(json.dumps({"calibration": calibration, "method": method, "ratio": ratio, target: ppl}))
-                base = runs["pruned"]
+                    line = {"calibration": calibration, "method": method, "ratio": ratio, target: ppl}
+                    print(json.dumps(line | {"prune_s": round(elapsed, 1), "chosen": dict(chosen)}), flush=True)
+                base = runs.get("pruned")  # the ratios need the default target among those run
                 cell = {
                     "calibration": calibration,
                     "method": method,
                     "ratio": ratio,
                     "ppl": {t: {d: round(v, 3) for d, v in r["ppl"].items()} for t, r in runs.items()},
-                    "ppl_over_pruned": {
-                        t: round(r["ppl"]["wikitext2"] / base["ppl"]["wikitext2"], 4) for t, r in runs.items()
-                    },
-                    "time_over_pruned": {t: round(r["prune_s"] / base["prune_s"], 3) for t, r in runs.items()},
+                    "ppl_over_pruned": base
+                    and {t: round(r["ppl"]["wikitext2"] / base["ppl"]["wikitext2"], 4) for t, r in runs.items()},
+                    "time_over_pruned": base and {t: round(r["prune_s"] / base["prune_s"], 3) for t, r in runs.items()},
                     "prune_s": {t: round(r["prune_s"], 1) for t, r in runs.items()},
                     "calibration_s": {t: round(r["timings"].get("calibration", 0.0), 1) for t, r in runs.items()},
                     "compensation_s": {t: round(r["timings"].get("compensation", 0.0), 1) for t, r in runs.items()},
@@ -118,7 +118,7 @@ def main() -> None:
                 if ratio in zero_shot_ratios:
                     best = min(runs, key=lambda t: runs[t]["ppl"]["wikitext2"])
                     cell["zero_shot"] = {}
-                    for target in dict.fromkeys(("pruned", best)):
+                    for target in dict.fromkeys(t for t in ("pruned", best) if t in models):
                         scores = zero_shot(
                             models[target],
                             tokenizer,
@@ -129,9 +129,9 @@ def main() -> None:
                 print(json.dumps(cell), flush=True)
                 cells.append(cell)
                 del models
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"cells": cells}, indent=1))
+                if args.out:  # after every cell, so that a stopped run keeps what it measured
+                    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                    Path(args.out).write_text(json.dumps({"cells": cells}, indent=1))
 
 
 if __name__ == "__main__":
