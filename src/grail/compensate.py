@@ -273,10 +273,14 @@ class RidgeSystem:
     owns_rhs: bool = False
     storage: Tensor | None = None
 
+    @property
+    def size(self) -> int:
+        """Unknowns per output row: the kept units, and the constant for the affine fit."""
+        return self.kept_count + (self.sums_p is not None)
+
     def matrix(self) -> Tensor:
         """The unpenalised system matrix, made anew (row-major; it is symmetric)."""
-        k = self.kept_count
-        n = k + (self.sums_p is not None)
+        k, n = self.kept_count, self.size
         if self.storage is not None:
             matrix = self.storage.view(-1)[: n * n].view(n, n)
         else:
@@ -302,7 +306,7 @@ class RidgeSystem:
             return matrix
 
         # A Gram matrix of fewer tokens than unknowns has a rank below its size: unpenalised, it is singular.
-        singular = lam == 0 and self.count < k + (self.sums_p is not None)
+        singular = lam == 0 and self.count < self.size
         factor, jitter = factor_spd(penalised, where, singular=singular)
         rhs = self.rhs if self.owns_rhs else self.rhs.clone()
         if penalty and self.prior is not None:
@@ -518,12 +522,11 @@ class CrossValidation:
 
         return RidgeSystem(fill_gram, t["sums_p"] if affine else None, t["count"], rhs, len(self.kept), prior, owns_rhs)
 
-    def candidate(self, i: int, lam: float | None, fold_gram_pp: Tensor | None = None) -> dict[str, ConsumerFit]:
-        """Fold ``i``'s fits at ``lam`` on the training folds, by target (``None``: the uncompensated consumer)."""
+    def candidate(self, i: int, lam: float | None, fold_gram_pp: Tensor) -> dict[str, ConsumerFit]:
+        """Fold ``i``'s fits at ``lam`` on the training folds, by target (``None``: the uncompensated consumer);
+        ``fold_gram_pp`` is the fold's ``G[P, P]``."""
         if lam is None:
             return dict.fromkeys(self.targets, ConsumerFit(self.w_kept, self.shifts[i]))
-        if fold_gram_pp is None:
-            fold_gram_pp = self.fold_gram_pp(i)
         solved = self._system(i, self.targets, fold_gram_pp).solve(lam, self.where)  # one factorisation
         rows = self.w_kept.shape[0]
         fits = {}
@@ -546,35 +549,25 @@ class CrossValidation:
                     self._fold_terms(i, lam, gram_pp)
                 del gram_pp
 
-    def _fold_terms(
-        self, i: int, lam: float | None, gram_pp: Tensor | None = None
-    ) -> dict[tuple[str, str], tuple[float, float | None]]:
-        """Fold ``i``'s held-out error of each target's fit at ``lam`` against each target: (weight term, bias term).
-        ``gram_pp`` is the fold's ``G[P, P]`` when the caller has it."""
-        key = (i, lam)
-        if key not in self._terms:
-            f = self.stats[i]
-            if gram_pp is None:
-                gram_pp = self.fold_gram_pp(i)
-            terms = {}
-            for target, c in self.candidate(i, lam, gram_pp).items():
-                new_w = c.weight
-                quadratic = float((new_w @ gram_pp * new_w).sum())  # the same whatever it is scored on
-                for score_on in self.targets:
-                    cross, t_sums, sq = f[score_on]
-                    weight_term = sq - 2 * float((new_w * cross).sum()) + quadratic
-                    bias_term = None
-                    if c.bias_shift is not None:
-                        d = c.bias_shift
-                        bias_term = -2 * float(d @ (t_sums - new_w @ f["sums_p"])) + f["count"] * float(
-                            d.square().sum()
-                        )
-                    terms[(target, score_on)] = (weight_term, bias_term)
-                if lam is None:  # the uncompensated consumer is the same for every target
-                    terms |= {(other, s): terms[(target, s)] for other in self.targets for s in self.targets}
-                    break
-            self._terms[key] = terms
-        return self._terms[key]
+    def _fold_terms(self, i: int, lam: float | None, gram_pp: Tensor) -> None:
+        """Fold ``i``'s held-out error of each target's fit at ``lam`` against each target (weight term, bias term),
+        into ``_terms``; ``gram_pp`` is the fold's ``G[P, P]``."""
+        f, terms = self.stats[i], {}
+        for target, c in self.candidate(i, lam, gram_pp).items():
+            new_w = c.weight
+            quadratic = float((new_w @ gram_pp * new_w).sum())  # the same whatever it is scored on
+            for score_on in self.targets:
+                cross, t_sums, sq = f[score_on]
+                weight_term = sq - 2 * float((new_w * cross).sum()) + quadratic
+                bias_term = None
+                if c.bias_shift is not None:
+                    d = c.bias_shift
+                    bias_term = -2 * float(d @ (t_sums - new_w @ f["sums_p"])) + f["count"] * float(d.square().sum())
+                terms[(target, score_on)] = (weight_term, bias_term)
+            if lam is None:  # the uncompensated consumer is the same for every target
+                terms |= {(other, s): terms[(target, s)] for other in self.targets for s in self.targets}
+                break
+        self._terms[(i, lam)] = terms
 
     def heldout_error(self, lam: float | None, target: str = "pruned", score_on: str | None = None) -> float:
         """Summed held-out error of the fit towards ``target`` at ``lam``, against ``score_on`` (default: ``target``)."""
@@ -582,9 +575,10 @@ class CrossValidation:
         key = (lam, target if lam is not None else "plain", score_on)
         if key in self._errors:
             return self._errors[key]
+        self.score([lam])
         err = 0.0
         for i in range(len(self.stats)):
-            weight_term, bias_term = self._fold_terms(i, lam)[(target, score_on)]
+            weight_term, bias_term = self._terms[(i, lam)][(target, score_on)]
             err += weight_term
             if bias_term is not None:
                 err += bias_term
