@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import random_windows, tiny_model
 
+from grail.calibration import advance_from_mid, capture_layer_inputs, layer_inputs, layer_output, run_layer, run_paired
 from grail.compensate import choose_lambda, choose_target, fit_consumer, output_sketch
 from grail.config import ConfigError, PruneConfig
 from grail.engine import prune_model
@@ -219,6 +220,71 @@ def test_recorded_target_moments_equal_a_direct_computation(monkeypatch, kind):
         torch.testing.assert_close(recorded[name].cross, t.T @ p[consumer], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(recorded[name].sums, t.sum(0), rtol=1e-4, atol=1e-4)
         assert recorded[name].sq == pytest.approx(t.square().sum().item(), rel=1e-5)
+
+
+def _batch_taps(arch, layer, hidden, kwargs):
+    """One batch through ``layer``: its input, the consumers' inputs and outputs, its mid state and its output."""
+    got, handles = {}, []
+
+    def at_consumer(kind):
+        return lambda m, a, out: got.update({(kind, "in"): a[0], (kind, "out"): out})
+
+    for kind, name in arch.consumer_names().items():
+        handles.append(layer.get_submodule(name).register_forward_hook(at_consumer(kind)))
+    handles.append(layer.get_submodule(arch.mlp_norm).register_forward_pre_hook(lambda m, a: got.update(mid=a[0])))
+    x, kw = layer_inputs(layer, hidden, kwargs)
+    with torch.no_grad():
+        got["output"] = layer_output(layer(x, **kw))
+    got["input"] = x
+    for h in handles:
+        h.remove()
+    return got
+
+
+def _layer_taps(arch, layer, calib):
+    return [_batch_taps(arch, layer, h, kw) for h, kw in zip(calib.hidden, calib.kwargs, strict=True)]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("blocks", [("attn", "mlp"), ("attn",), ("mlp",)])
+def test_the_dense_stream_runs_each_half_of_the_layer_once_and_ends_at_the_layers_output(family, blocks):
+    """run_paired hands on the dense consumer's output (bias removed) and the drift of the block's input, and
+    leaves the stream at the mid state (attention) or the output (MLP); advance_from_mid finishes the layer."""
+    model = tiny_model(family, 6, 2, layers=2)
+    arch = arch_for(model.config)
+    dense_layer = arch.decoder_layers(model)[0]
+    for name in arch.consumer_names().values():  # a bias on each consumer, which the targets leave out
+        consumer = dense_layer.get_submodule(name)
+        consumer.bias = torch.nn.Parameter(0.3 * torch.randn(consumer.out_features), requires_grad=False)
+    layer = copy.deepcopy(dense_layer)  # the layer being pruned: another attention, another input
+    layer.get_submodule(arch.consumer_names()["attn"]).weight.mul_(0.5)
+    windows = random_windows(5, 16)
+    dense = capture_layer_inputs(model, arch, windows, batch_size=2).first_samples(4)  # as the engine keeps it
+    calib = capture_layer_inputs(model, arch, windows, batch_size=2)
+    calib.hidden = [h + 0.1 * torch.randn_like(h) for h in calib.hidden]
+    want, seen = _layer_taps(arch, dense_layer, dense), _layer_taps(arch, layer, calib)
+    limit, at = 4, "input"
+    got = []
+    for kind in blocks:
+        got.clear()
+        run_paired(
+            arch, kind, layer, dense_layer, calib, dense, limit, lambda *a: got.append(a), dense_at_mid=at == "mid"
+        )
+        at = "mid" if kind == "attn" else "output"
+        assert len(got) == 2  # batches with samples below the limit
+        block_in = "input" if kind == "attn" else "mid"
+        bias = dense_layer.get_submodule(arch.consumer_names()[kind]).bias.double()
+        for (ids, inputs, dense_out, drift), w, p in zip(got, want, seen, strict=False):
+            k = len(ids)
+            torch.testing.assert_close(inputs, p[(kind, "in")][:k], rtol=0, atol=0)
+            torch.testing.assert_close(dense_out, w[(kind, "out")][:k].double() - bias, rtol=0, atol=0)
+            torch.testing.assert_close(drift, w[block_in][:k].double() - p[block_in][:k].double(), rtol=0, atol=0)
+    if at == "mid":
+        advance_from_mid(arch, dense_layer, dense)
+    elif at == "input":
+        run_layer(dense_layer, dense, update=True)
+    for hidden, w in zip(dense.hidden, want, strict=True):
+        assert torch.equal(hidden, w["output"])  # the stock layer's own output, to the bit
 
 
 def test_without_earlier_pruning_every_target_gives_the_pruned_fit():

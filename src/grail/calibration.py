@@ -268,33 +268,79 @@ def _store(calib: Calibration, b: int, out: Tensor) -> None:
         calib.hidden[b] = out
 
 
+def _dense_block(arch: ArchSpec, kind: str, layer: nn.Module, hidden: Tensor, kwargs: dict, at_mid: bool):
+    """One batch through the ``kind`` block of a dense layer: ``(block input, consumer input, consumer output,
+    block output)``.
+
+    A block's input is the residual stream its output is added to: the layer's input for the attention block,
+    the layer's *mid* state (input plus attention output) for the MLP block. With ``at_mid``, ``hidden`` is that
+    mid state already, and only the MLP half of the layer runs. The attention block's pass ends at its consumer.
+    """
+    consumer = layer.get_submodule(arch.consumer_names()[kind])
+    attention_out = layer.get_submodule(arch.consumer_names()["attn"])
+    got: dict = {}
+
+    def at_consumer(module, args, out):
+        got["input"], got["output"] = args[0], out
+        if kind == "attn":
+            raise _StopForward
+
+    def at_attention_out(module, args, out):
+        got["attention"] = out
+
+    handles = [consumer.register_forward_hook(at_consumer)]
+    if kind == "mlp" and not at_mid:
+        handles.append(attention_out.register_forward_hook(at_attention_out))
+    try:
+        with torch.no_grad():
+            if at_mid:
+                mid, _ = layer_inputs(layer, hidden, {})
+                out = arch.mlp_block(layer, mid)
+                return mid, got["input"], got["output"], out
+            x, kw = layer_inputs(layer, hidden, kwargs)
+            if kind == "attn":
+                with contextlib.suppress(_StopForward):
+                    layer(x, **kw)
+                return x, got["input"], got["output"], x + got["output"]  # the layer's own sum
+            out = layer_output(layer(x, **kw))
+            return x + got["attention"], got["input"], got["output"], out
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def run_paired(
+    arch: ArchSpec,
+    kind: str,
     layer: nn.Module,
     dense_layer: nn.Module,
     calib: Calibration,
     dense: Calibration,
-    consumer: str,
-    added: str | None,
     limit: int,
     on_batch,
     taps: list[tuple[InputStats, int]] = (),
-    advance_dense: bool = False,
+    dense_at_mid: bool = False,
 ) -> None:
-    """Run a layer being pruned and its dense copy side by side up to a consumer, batch by batch.
+    """Run a layer being pruned and its dense copy side by side through the ``kind`` block, batch by batch.
 
-    ``dense`` holds the dense model's activations entering this layer, for the samples of the
-    first batches of ``calib``. For every batch with samples below ``limit``,
-    ``on_batch(ids, inputs, dense_inputs, drift)`` receives the consumer's input in the layer
-    and in its dense copy, and the drift of the block's residual input (dense minus pruned, in
-    float64): the layer's input, plus the output of the submodule ``added`` (``o_proj``, whose
-    output the LLaMA layout adds to the residual stream before the MLP block).
+    ``dense`` holds the dense model's activations entering this layer (or, with ``dense_at_mid``,
+    the mid state an attention block's pass left), for the samples of the first batches of
+    ``calib``. For every batch with samples below ``limit``, ``on_batch(ids, inputs, dense_out,
+    drift)`` receives the consumer's input in the layer, the dense consumer's output without
+    its bias (float64), and the drift of the block's input, the residual stream the block is
+    added to (dense minus pruned, float64). The dense block's output then replaces the dense
+    stream's activations: after the attention block the stream holds the layer's mid state,
+    after the MLP block the layer's output, so each half of the dense layer runs once.
 
     ``taps`` (``(stats, limit)`` pairs) accumulate the consumer's input in the layer as
-    :func:`run_layer`'s taps do, over every batch they need, in the same pass. With
-    ``advance_dense`` the dense copy runs to the end of the layer and its outputs replace the
-    dense stream's activations (the stream moves on to the next layer in the same pass).
+    :func:`run_layer`'s taps do, over every batch they need, in the same pass.
     """
+    names = arch.consumer_names()
+    consumer, added = names[kind], (names["attn"] if kind == "mlp" else None)
+    bias = dense_layer.get_submodule(consumer).bias
     needed = max([limit, *(lim for _, lim in taps)])
+    if any(int(ids[0]) >= needed for ids in dense.ids):
+        raise ValueError("the dense stream holds samples the pass would not reach: it would fall out of step")
     for b, ids in enumerate(calib.ids):
         if int(ids[0]) >= needed:
             break
@@ -304,14 +350,25 @@ def run_paired(
             continue
         if not torch.equal(ids, dense.ids[b]):
             raise RuntimeError("the dense and pruned calibration streams hold different samples")
-        x_d, h_d, o_d, out = _run_to(dense_layer, dense.hidden[b], dense.kwargs[b], consumer, added, advance_dense)
+        block_in, _, dense_out, block_out = _dense_block(
+            arch, kind, dense_layer, dense.hidden[b], dense.kwargs[b], dense_at_mid
+        )
+        pruned_in = x if o is None else x + o  # the pruned layer's own sum
         k = int((ids < limit).sum())
-        drift = x_d[:k].to(torch.float64) - x[:k].to(torch.float64)
-        if added is not None:
-            drift += o_d[:k].to(torch.float64) - o[:k].to(torch.float64)
-        on_batch(ids[:k], h[:k], h_d[:k], drift)
-        if advance_dense:
-            _store(dense, b, out)
+        dense_out = dense_out[:k].to(torch.float64)
+        if bias is not None:
+            dense_out -= bias.to(dense_out)
+        drift = block_in[:k].to(torch.float64) - pruned_in[:k].to(torch.float64)
+        on_batch(ids[:k], h[:k], dense_out, drift)
+        _store(dense, b, block_out)
+
+
+def advance_from_mid(arch: ArchSpec, dense_layer: nn.Module, dense: Calibration) -> None:
+    """Move a dense stream holding a layer's mid state on to the layer's output (the MLP half only)."""
+    with torch.no_grad():
+        for b, hidden in enumerate(dense.hidden):
+            mid, _ = layer_inputs(dense_layer, hidden, {})
+            _store(dense, b, arch.mlp_block(dense_layer, mid))
 
 
 def run_layer(

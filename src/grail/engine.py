@@ -28,7 +28,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from grail import distributed
-from grail.calibration import Calibration, InMemoryLayers, capture_layer_inputs, fold_rows, run_layer, run_paired
+from grail.calibration import (
+    Calibration,
+    InMemoryLayers,
+    advance_from_mid,
+    capture_layer_inputs,
+    fold_rows,
+    run_layer,
+    run_paired,
+)
 from grail.config import PruneConfig
 from grail.errors import GrailError
 from grail.memory import return_freed_memory
@@ -328,14 +336,13 @@ class _LayerStep:
     report: PruneReport
     dense_stream: Calibration | None = None  # the dense model's activations (for targets other than "pruned")
     dense_layer: nn.Module | None = None  # the current layer as it was before pruning, while it is pruned
-    advance_dense: bool = False  # whether the dense stream moves on after this layer
-    dense_advanced: bool = False
+    dense_at: str = "input"  # where the dense stream stands in the current layer: "input", "mid" or "output"
 
     def __call__(self, layer: nn.Module, index: int, n_layers: int, dense: dict[str, InputStats | None]) -> None:
         method = self.method
         if self.dense_stream is not None:
             self.dense_layer = copy.deepcopy(layer)  # one layer, not a second model
-            self.advance_dense, self.dense_advanced = index + 1 < n_layers, False
+            self.dense_at = "input"
         blocks = layer_blocks(self.arch, index, layer, self.config.attention_unit)
         n_remove = method.allocator.allocate(
             index, n_layers, blocks["attn"].units(), blocks["mlp"].units(), _linear_params(self.arch, layer)
@@ -362,9 +369,12 @@ class _LayerStep:
                 self._compensate_late(item)
         layer.to(dtype)
         if self.dense_layer is not None:
-            if self.advance_dense and not self.dense_advanced:  # no MLP pass moved the dense stream on
+            if index + 1 < n_layers and self.dense_at != "output":  # no MLP pass moved the dense stream on
                 with self.timer.section("calibration"):
-                    run_layer(self.dense_layer, self.dense_stream, update=True)
+                    if self.dense_at == "mid":
+                        advance_from_mid(self.arch, self.dense_layer, self.dense_stream)
+                    else:
+                        run_layer(self.dense_layer, self.dense_stream, update=True)
                 self.report.layer_passes += 1
             self.dense_layer = None
 
@@ -453,8 +463,8 @@ class _LayerStep:
 
         ``dense``: the dense consumer's output ``W0 h_d`` (bias excluded: it stays the bias
         the fit shifts); ``residual``: that plus the drift of the block's residual input.
-        The same pass fills ``taps`` (the consumer's input statistics) and, at the layer's MLP
-        block, moves the dense stream on to the next layer.
+        The same pass fills ``taps`` (the consumer's input statistics) and moves the dense
+        stream on past the block.
         """
         names = self.policy.dense_targets
         consumer = block.consumer
@@ -464,16 +474,11 @@ class _LayerStep:
             name: TargetStats(consumer.out_features, consumer.in_features, device, self.policy.folds, cross_device)
             for name in names
         }
-        consumer_name = self.arch.consumer_names()[block.kind]
-        added = self.arch.consumer_names()["attn"] if block.kind == "mlp" else None
-        dense_weight = self.dense_layer.get_submodule(consumer_name).weight.to(device, torch.float64)
-        advance = block.kind == "mlp" and self.advance_dense
 
-        def on_batch(ids: Tensor, inputs: Tensor, dense_inputs: Tensor, drift: Tensor) -> None:
-            dense_out = dense_inputs.to(device, torch.float64) @ dense_weight.T
-            values = {"dense": dense_out}
+        def on_batch(ids: Tensor, inputs: Tensor, dense_out: Tensor, drift: Tensor) -> None:
+            values = {"dense": dense_out.to(device)}
             if "residual" in names:
-                values["residual"] = dense_out + drift.to(device)
+                values["residual"] = values["dense"] + drift.to(device)
             for fold, rows in fold_rows(ids, self.config.gram_nsamples, self.policy.folds):
                 for name in names:
                     t = values[name] if rows is None else values[name][rows.to(device)]
@@ -482,18 +487,18 @@ class _LayerStep:
 
         with self.timer.section("calibration"):
             run_paired(
+                self.arch,
+                block.kind,
                 layer,
                 self.dense_layer,
                 self.calib,
                 self.dense_stream,
-                consumer_name,
-                added,
                 self.config.gram_nsamples,
                 on_batch,
                 taps,
-                advance_dense=advance,
+                dense_at_mid=self.dense_at == "mid",
             )
-        self.dense_advanced |= advance
+        self.dense_at = "mid" if block.kind == "attn" else "output"
         self.report.layer_passes += 1  # the dense copy's pass (the pruned layer's is counted by the caller)
         for s in stats.values():
             s.all_reduce()

@@ -33,6 +33,8 @@ class ArchSpec:
     v_proj: str = "v_proj"
     o_proj: str = "o_proj"
     mlp: str = "mlp"
+    # The norm in front of the MLP: the MLP block alone is ``x + mlp(mlp_norm(x))``.
+    mlp_norm: str = "post_attention_layernorm"
     gate_proj: str = "gate_proj"
     up_proj: str = "up_proj"
     down_proj: str = "down_proj"
@@ -57,6 +59,11 @@ class ArchSpec:
     def mlp_linears(self, layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
         mlp = self.mlp_of(layer)
         return tuple(getattr(mlp, n) for n in (self.gate_proj, self.up_proj, self.down_proj))
+
+    def mlp_block(self, layer: nn.Module, mid: Tensor) -> Tensor:
+        """A layer's output from its mid state (the residual stream after attention), computed as the stock layer
+        computes it, without running the attention again."""
+        return mid + layer.get_submodule(self.mlp)(layer.get_submodule(self.mlp_norm)(mid))
 
     def consumer_names(self) -> dict[str, str]:
         """Qualified names (inside a decoder layer) of each block's output projection."""
