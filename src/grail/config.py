@@ -181,8 +181,8 @@ class PruneConfig:
         "pruned",
         "what each compensated consumer reproduces: pruned (its own dense weights' output on the pruned model's "
         "activations), dense (the dense model's consumer output at the same tokens), residual (that plus the drift "
-        "of the residual stream, so the block also corrects earlier layers), or auto (chosen per consumer on "
-        "held-out windows; needs --ridge_lambda auto)",
+        "of the residual stream, so the block also corrects earlier layers), or auto (pruned or residual, chosen per "
+        "consumer on held-out windows; needs --ridge_lambda auto)",
         group="compensation",
         choices=GRAIL_TARGETS,
     )
