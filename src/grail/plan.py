@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from grail.compensate import SKETCH_ROWS, KeptGramInPlace, block_elements
 from grail.config import PruneConfig, RunConfig
 from grail.errors import GrailError
+from grail.policy import CompensationPolicy
 from grail.stats import token_chunks
 
 GIB = 2**30
@@ -199,7 +200,7 @@ def stages(shape: ModelShape, s: Setting) -> list[Stage]:
     host_stats = p.stats_device == "host" and s.device == "cuda"
     compensate, auto = p.compensate, p.compensate and p.ridge_lambda == "auto"
     folds = p.cv_folds if auto else 1
-    targets = 0 if not compensate or p.grail_target == "pruned" else 1  # auto: residual beside pruned
+    targets = len(CompensationPolicy.from_config(p).dense_targets)
     batch_tokens = min(p.calib_batch_size, max(per_rank, 1)) * s.seqlen
 
     def forward(tokens: int, width: int) -> int:
@@ -436,8 +437,8 @@ def time_estimate(shape: ModelShape, s: Setting) -> dict:
     if p.compensate or traits["selection_gram"]:  # every token's Gram product, at each consumer
         gram_tokens = (p.gram_nsamples if p.compensate else p.nsamples) * s.seqlen
         gram_macs = gram_tokens * (a_w**2 + i_w**2)
-        if p.compensate and p.grail_target != "pruned":  # the dense target's cross moment, O x D per token
-            gram_macs += gram_tokens * d * (a_w + i_w)
+        # each dense-model target's cross moment, O x D per token
+        gram_macs += gram_tokens * len(CompensationPolicy.from_config(p).dense_targets) * d * (a_w + i_w)
     if p.compensate:
         factorisations = 1
         if p.ridge_lambda == "auto":
