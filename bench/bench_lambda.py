@@ -9,7 +9,8 @@ Two parts, each reporting ratios measured in one process:
   often the local search chose what the full search chose: per consumer of the full run, by
   replaying the descent on that run's held-out errors (same statistics, so only the search
   differs), and per consumer of the two runs (whose statistics drift apart after a first
-  different choice).
+  different choice). With ``--fold_counts`` the local search also runs with those numbers of
+  folds, and each is compared with the 4-fold run consumer by consumer (lambda and guard).
 * ``layer``: one consumer of a synthetic decoder layer timed alone (random weights, correlated
   random activations, 4 folds): the whole cross-validation with the full search and with the
   local search started cold (at 0.1, as in a first layer) and warm (at the full search's
@@ -22,6 +23,8 @@ Two parts, each reporting ratios measured in one process:
 
     python bench/bench_lambda.py model --data_dir ../shared/data --methods flap,wanda_sp --ratios 0.3,0.5 \\
         --calibration 16x256,128x256 --out results/lambda_cost/model.json
+    python bench/bench_lambda.py model --data_dir ../shared/data --methods flap,wanda_sp --ratios 0.3,0.5 \\
+        --calibration 16x256 --fold_counts 2,3 --local_only --out results/lambda_cost/folds.json
     python bench/bench_lambda.py layer --shapes 896x4864,4096x11008 --out results/lambda_cost/layer.json
     python bench/bench_lambda.py linalg --sizes 1075,3900
 """
@@ -58,8 +61,18 @@ def replayed_agreement(blocks: list[dict]) -> tuple[int, int]:
     return same, total
 
 
+def same_decisions(blocks: list[dict], reference: list[dict]) -> str:
+    """Consumers where a run chose the reference run's lambda and guard decision, as ``same/total``."""
+    same = [
+        (a["lambda"], a["compensated"]) == (b["lambda"], b["compensated"])
+        for a, b in zip(blocks, reference, strict=True)
+    ]
+    return f"{sum(same)}/{len(same)}"
+
+
 def model_part(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
+    fold_counts = [int(f) for f in args.fold_counts.split(",") if f]
     dense, tokenizer = grail.load_model(args.model, dtype=torch.float32, device="cpu")
     cells = []
     for calibration in args.calibration.split(","):
@@ -72,6 +85,10 @@ def model_part(args: argparse.Namespace) -> dict:
                     "auto local": {"ridge_lambda": "auto", "lambda_search": "local"},
                     "auto full": {"ridge_lambda": "auto", "lambda_search": "full"},
                 }
+                if args.local_only:
+                    del variants["auto full"]
+                for folds in fold_counts:  # the same search on fewer (or more) held-out folds
+                    variants[f"auto local {folds} folds"] = variants["auto local"] | {"cv_folds": folds}
                 runs = {}
                 for name, options in variants.items():
                     config = grail.PruneConfig(
@@ -98,10 +115,11 @@ def model_part(args: argparse.Namespace) -> dict:
                     runs[name] = {"prune_s": elapsed, "timings": timer.as_dict(), "ppl": ppl, "blocks": report.blocks}
                     del model
                 fixed = runs["fixed"]["prune_s"]
-                same, total = replayed_agreement(runs["auto full"]["blocks"])
+                full = runs.get("auto full", runs["auto local"])  # without the full search, the checks are void
+                same, total = replayed_agreement(full["blocks"])
                 paired = [
                     a["lambda"] == b["lambda"]
-                    for a, b in zip(runs["auto local"]["blocks"], runs["auto full"]["blocks"], strict=True)
+                    for a, b in zip(runs["auto local"]["blocks"], full["blocks"], strict=True)
                 ]
                 evaluated = [len(b["heldout_errors"]) for b in runs["auto local"]["blocks"]]
                 cell = {
@@ -113,14 +131,20 @@ def model_part(args: argparse.Namespace) -> dict:
                     "compensation_s": {
                         name: round(r["timings"].get("compensation", 0.0), 2) for name, r in runs.items()
                     },
+                    "calibration_s": {name: round(r["timings"].get("calibration", 0.0), 2) for name, r in runs.items()},
                     "time_over_fixed": {name: round(r["prune_s"] / fixed, 3) for name, r in runs.items()},
-                    "local_over_full_ppl": round(runs["auto local"]["ppl"] / runs["auto full"]["ppl"] - 1, 5),
-                    "replayed_same_choice": f"{same}/{total}",
-                    "run_same_choice": f"{sum(paired)}/{len(paired)}",
+                    "local_over_full_ppl": round(runs["auto local"]["ppl"] / full["ppl"] - 1, 5),
+                    "replayed_same_choice": f"{same}/{total}" if "auto full" in runs else None,
+                    "run_same_choice": f"{sum(paired)}/{len(paired)}" if "auto full" in runs else None,
                     "local_candidates_mean": round(sum(evaluated) / len(evaluated), 2),
                 }
+                if fold_counts:  # each fold count against the default 4 folds, consumer by consumer
+                    cell["folds_same_choice"] = {
+                        folds: same_decisions(runs[f"auto local {folds} folds"]["blocks"], runs["auto local"]["blocks"])
+                        for folds in fold_counts
+                    }
                 print(json.dumps(cell), flush=True)
-                cells.append(cell | {"full_blocks": runs["auto full"]["blocks"]})
+                cells.append(cell | {"full_blocks": full["blocks"]})
     return {"cells": cells}
 
 
@@ -223,6 +247,8 @@ def main() -> None:
     m.add_argument("--ratios", default="0.3,0.5")
     m.add_argument("--calibration", default="16x256", help="comma-separated NSAMPLESxSEQLEN")
     m.add_argument("--fixed_lambda", type=float, default=0.001)
+    m.add_argument("--local_only", action="store_true", help="leave out the full search")
+    m.add_argument("--fold_counts", default="", help="comma-separated --cv_folds to run the local search with too")
     m.add_argument("--calib_batch_size", type=int, default=8)
     m.add_argument("--eval_seqlen", type=int, default=256)
     m.add_argument("--eval_samples", type=int, default=32)

@@ -8,10 +8,14 @@ as a ratio to the ``pruned`` run, and which target ``auto`` chose how often. (Pe
 not measured here: after the first run in a process the C allocator keeps freed memory, so
 the growth of resident memory undercounts; the dense stream is one more copy of the
 activations by construction.) With ``--zero_shot_ratios`` the best target's
-0-shot mean accuracy is measured beside ``pruned``'s.
+0-shot mean accuracy is measured beside ``pruned``'s. With ``--own_update`` there is no
+GRAIL: the targets retarget the method's own update of the consumers (FLAP's bias
+compensation, SlimGPT's refit; ``--targets pruned,dense,residual``).
 
     python bench/bench_targets.py --data_dir ../shared/data --methods flap,wanda_sp --ratios 0.5 \\
         --calibration 16x256,64x256 --out results/targets/smollm2.json
+    python bench/bench_targets.py --data_dir ../shared/data --methods flap,slimgpt --ratios 0.2,0.5 \\
+        --calibration 16x256,64x256 --targets pruned,dense,residual --own_update --out results/targets/own.json
 """
 
 from __future__ import annotations
@@ -58,6 +62,9 @@ def main() -> None:
     )
     parser.add_argument("--zero_shot_limit", type=int, default=200)
     parser.add_argument("--calib_batch_size", type=int, default=8)
+    parser.add_argument(
+        "--own_update", action="store_true", help="no GRAIL: the targets retarget the method's own update"
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -79,8 +86,8 @@ def main() -> None:
                         prune_method=method,
                         pruning_ratio=ratio,
                         nsamples=nsamples,
-                        compensate=True,
-                        ridge_lambda="auto",
+                        compensate=not args.own_update,
+                        ridge_lambda=0.001 if args.own_update else "auto",
                         grail_target=target,
                         calib_batch_size=args.calib_batch_size,
                     )

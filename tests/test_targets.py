@@ -11,9 +11,20 @@ import torch
 from conftest import random_windows, tiny_model
 
 from grail.calibration import advance_from_mid, capture_layer_inputs, layer_inputs, layer_output, run_layer, run_paired
-from grail.compensate import choose_lambda, choose_target, fit_consumer, output_sketch
+from grail.compensate import (
+    Moments,
+    choose_lambda,
+    choose_target,
+    fit_consumer,
+    mean_bias_shift,
+    output_sketch,
+    retarget_refit,
+    target_mean_shift,
+)
 from grail.config import ConfigError, PruneConfig
-from grail.engine import prune_model
+from grail.engine import check_target, prune_model
+from grail.methods import make_method
+from grail.methods.slimgpt import damped_hessian
 from grail.models.arch import arch_for
 from grail.policy import CompensationPolicy
 from grail.stats import InputStats, TargetStats
@@ -343,8 +354,86 @@ def test_auto_target_reports_its_choice_per_consumer():
 
 
 def test_target_options_are_checked():
-    with pytest.raises(ConfigError, match="add --compensate"):
-        PruneConfig(grail_target="dense")
+    with pytest.raises(ConfigError, match="add --compensate --ridge_lambda auto"):
+        PruneConfig(grail_target="auto", ridge_lambda="auto")
+    assert PruneConfig(grail_target="dense").grail_target == "dense"  # a method's own update, where it makes one
+    for method, extra in (("wanda_sp", {}), ("mag_sp", {}), ("flap", {"bias_compensation": False})):
+        config = PruneConfig(prune_method=method, grail_target="dense", **extra)
+        with pytest.raises(ConfigError, match=f"{method} makes none.*add --compensate"):
+            check_target(config, make_method(config))
+    for method in ("flap", "slimgpt"):
+        config = PruneConfig(prune_method=method, grail_target="residual")
+        check_target(config, make_method(config))
     with pytest.raises(ConfigError, match="use it with --ridge_lambda auto"):
         PruneConfig(grail_target="auto", compensate=True, ridge_lambda=0.01)
     assert PruneConfig(grail_target="residual", compensate=True).grail_target == "residual"
+
+
+# A method's own update (no --compensate) towards a dense-model target.
+
+
+@pytest.mark.parametrize("name", ["pruned", "dense", "residual"])
+def test_the_mean_bias_towards_a_target_is_the_least_squares_intercept(name):
+    pruned, dense, drift, weight = _activations()
+    t = _targets(name, dense, drift, weight, pruned)
+    gram, target = _stats(pruned, t)
+    shift = target_mean_shift(weight, target.moments(), gram.sum, gram.count, KEPT)
+    # argmin_d sum_n |t_n - W[:, P] h_n[P] - d|^2, on the stored rows
+    torch.testing.assert_close(shift, (t - pruned[:, KEPT] @ weight[:, KEPT].T).mean(dim=0), rtol=1e-10, atol=1e-10)
+    if name == "pruned":  # FLAP's mean bias
+        torch.testing.assert_close(shift, mean_bias_shift(weight, gram.mean, KEPT), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+@pytest.mark.parametrize("name", ["pruned", "dense", "residual"])
+def test_a_damped_refit_towards_a_target_equals_a_direct_solve(name, affine):
+    """SlimGPT's refit on ``G + diag(d)`` towards ``t``: ``min sum |t - W' h[P] - c|^2 + sum_j d_j |W'_j - W_j|^2``."""
+    pruned, dense, drift, weight = _activations()
+    t = _targets(name, dense, drift, weight, pruned)
+    gram, target = _stats(pruned, t)
+    refit = Moments(damped_hessian(gram.gram), gram.sum, gram.count)
+    fit = fit_consumer(
+        weight, refit, KEPT, 0.0, affine, target=retarget_refit(weight, refit, gram.gram, target.moments())
+    )
+    damping = (refit.gram.diagonal() - gram.gram.diagonal())[KEPT]
+    z = pruned[:, KEPT]
+    if affine:
+        z = torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype)], dim=1)
+    penalty = torch.zeros(len(KEPT), z.shape[1], dtype=z.dtype)
+    penalty[:, : len(KEPT)] = torch.diag(damping.sqrt())
+    anchor = damping.sqrt().unsqueeze(1) * weight[:, KEPT].T
+    sol = torch.linalg.lstsq(torch.cat([z, penalty]), torch.cat([t, anchor])).solution
+    torch.testing.assert_close(fit.weight, sol[: len(KEPT)].T, rtol=1e-8, atol=1e-9)
+    if affine:
+        torch.testing.assert_close(fit.bias_shift, sol[len(KEPT)], rtol=1e-8, atol=1e-9)
+    if name == "pruned":  # the method's own refit, as it was
+        plain = fit_consumer(weight, refit, KEPT, 0.0, affine)
+        torch.testing.assert_close(fit.weight, plain.weight, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["flap", "slimgpt"])
+def test_a_methods_own_update_towards_the_dense_model(method):
+    """Without --compensate: layer 0's MLP block (the first pruned at this ratio) sees the dense inputs, so every
+    target gives the method's own update there; after it the targets differ, and a run is repeatable."""
+    model = tiny_model("llama", 6, 2, layers=3)
+    windows = random_windows(8, 16)
+    layers = {}
+    for target in ("pruned", "dense", "residual", "residual"):
+        m = copy.deepcopy(model)
+        config = PruneConfig(
+            prune_method=method, pruning_ratio=0.4, nsamples=8, grail_target=target, calib_batch_size=3
+        )
+        report = prune_model(m, windows, config, progress=False)
+        assert [row.get("target", "pruned") for row in report.blocks] == [target] * len(report.blocks)
+        if target in layers:  # a fixed seed gives the same result twice
+            assert torch.equal(layers[target][-1].mlp.down_proj.bias, m.model.layers[-1].mlp.down_proj.bias)
+        layers[target] = m.model.layers
+        assert m.model.layers[0].self_attn.o_proj.in_features == model.model.layers[0].self_attn.o_proj.in_features
+        assert m.model.layers[0].mlp.down_proj.in_features < model.model.layers[0].mlp.down_proj.in_features
+    first = {name: layer[0].mlp.down_proj for name, layer in layers.items()}
+    for target in ("dense", "residual"):
+        torch.testing.assert_close(first[target].weight, first["pruned"].weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(first[target].bias, first["pruned"].bias, rtol=1e-5, atol=1e-6)
+    last = {name: layer[-1].mlp.down_proj.bias for name, layer in layers.items()}
+    assert not torch.allclose(last["dense"], last["pruned"], rtol=1e-3, atol=1e-4)
+    assert not torch.allclose(last["residual"], last["dense"], rtol=1e-3, atol=1e-4)

@@ -117,8 +117,10 @@ def solve_spd(a: Tensor, rhs: Tensor, where: str = "") -> tuple[Tensor, float]:
     return cholesky_solve_(factor, rhs.to(torch.float64, copy=True)), jitter
 
 
-def times_float64(weight: Tensor, right: Tensor, out: Tensor) -> Tensor:
+def times_float64(weight: Tensor, right: Tensor, out: Tensor | None) -> Tensor:
     """``out = W right`` in float64, with ``W`` converted a block of rows at a time (never whole)."""
+    if out is None:
+        out = right.new_empty(weight.shape[0], *right.shape[1:])
     for rows in blocks_of(weight.shape[0], weight.shape[1]):
         out[rows] = weight[rows].to(torch.float64) @ right
     return out
@@ -376,6 +378,34 @@ def mean_bias_shift(weight: Tensor, mean: Tensor, kept: Tensor) -> Tensor:
     for rows in blocks_of(weight.shape[0], len(removed_mean)):  # W[:, R] in float64 is never whole
         shift[rows] = weight[rows][:, removed].to(torch.float64) @ removed_mean
     return shift
+
+
+def target_mean_shift(weight: Tensor, target: TargetMoments, sums: Tensor, count: int, kept: Tensor) -> Tensor:
+    """The bias shift that gives the kept columns' output the target's mean: ``(sum_n t_n - W[:, P] s[P]) / N``.
+
+    ``sums`` (``s``) and ``count`` (``N``) are the consumer's inputs over the target's tokens. It
+    is the least-squares intercept of ``t_n ~ W[:, P] h_n[P] + d``; for the target ``t_n = W h_n``
+    it is FLAP's mean bias ``W[:, R] mean[R]``.
+    """
+    kept = kept.to(weight.device)
+    kept_part = times_float64(weight[:, kept], sums.to(weight.device, torch.float64)[kept], out=None)
+    return (target.sums.to(kept_part) - kept_part) / max(count, 1)
+
+
+def retarget_refit(weight: Tensor, refit: Moments, gram: Tensor, target: TargetMoments) -> TargetMoments:
+    """The target moments that make a method's damped refit (SlimGPT's) reproduce ``target``.
+
+    The refit on the damped Gram matrix ``G + diag(d)`` solves ``W'[G + diag(d)]_PP = W [G + diag(d)]_:P``:
+    its right-hand side is the target's cross moment ``W G[:, P]`` plus ``W[:, P] diag(d_P)``,
+    the damping's pull towards the kept weights. Towards another target ``t`` it keeps that pull
+    beside ``sum_n t_n h_n[P]^T``, so that with ``t_n = W h_n`` it is the method's refit again.
+    ``gram`` is the undamped ``G`` (the damping is the difference of the diagonals).
+    """
+    cross = target.cross.clone()
+    pull = (refit.gram.diagonal().to(torch.float64) - gram.diagonal().to(torch.float64)).to(cross.device)
+    for rows in blocks_of(weight.shape[0], weight.shape[1]):
+        cross[rows] += weight[rows].to(cross.device, torch.float64) * pull
+    return TargetMoments(cross, target.sums, target.sq, target.sketch_sq)
 
 
 def add_bias(bias: Tensor | None, shift: Tensor | None) -> Tensor | None:

@@ -182,7 +182,8 @@ class PruneConfig:
         "what each compensated consumer reproduces: pruned (its own dense weights' output on the pruned model's "
         "activations), dense (the dense model's consumer output at the same tokens), residual (that plus the drift "
         "of the residual stream, so the block also corrects earlier layers), or auto (pruned or residual, chosen per "
-        "consumer on held-out windows; needs --ridge_lambda auto)",
+        "consumer on held-out windows; needs --ridge_lambda auto); without --compensate, dense and residual retarget "
+        "the method's own update (FLAP's bias compensation, SlimGPT's refit)",
         group="compensation",
         choices=GRAIL_TARGETS,
     )
@@ -247,8 +248,8 @@ class PruneConfig:
                 f"--ridge_lambda auto holds out whole calibration windows: --comp_nsamples ({self.gram_nsamples}) "
                 f"must be at least --cv_folds ({self.cv_folds})."
             )
-        if self.grail_target != "pruned" and not self.compensate:
-            raise ConfigError(f"--grail_target {self.grail_target} sets what GRAIL fits: add --compensate.")
+        if self.grail_target == "auto" and not self.compensate:
+            raise ConfigError("--grail_target auto chooses what GRAIL fits: add --compensate --ridge_lambda auto.")
         if self.grail_target == "auto" and self.ridge_lambda != "auto":
             raise ConfigError(
                 "--grail_target auto chooses on held-out calibration windows: use it with --ridge_lambda auto."
@@ -271,6 +272,11 @@ class PruneConfig:
     @property
     def gram_nsamples(self) -> int:
         return self.nsamples if self.comp_nsamples is None else self.comp_nsamples
+
+    @property
+    def target_nsamples(self) -> int:
+        """Windows the dense-model targets cover: the compensation's, else (a method's own update) the method's."""
+        return self.gram_nsamples if self.compensate else self.nsamples
 
     def windows_needed(self, method_uses_activations: bool = True) -> int:
         """Calibration windows the run needs (0 when nothing reads activations)."""

@@ -37,7 +37,7 @@ from grail.calibration import (
     run_layer,
     run_paired,
 )
-from grail.config import PruneConfig
+from grail.config import ConfigError, PruneConfig
 from grail.errors import GrailError
 from grail.memory import return_freed_memory
 from grail.methods import Block, Decision, Evidence, Method, make_method
@@ -181,6 +181,7 @@ def prune_model(
     layer_source = layer_source or InMemoryLayers()
     arch = arch_for(model.config)
     method = method or make_method(config)
+    check_target(config, method)
     layers = arch.decoder_layers(model)
     before = linear_param_count(arch, model)
     report = PruneReport(method.name, config.pruning_ratio, before, before, n_layers=len(layers))
@@ -211,7 +212,7 @@ def prune_model(
             )
             calib = captured.first_samples(needed)
             if CompensationPolicy.from_config(config).dense_targets:  # the dense model's stream, beside the pruned one
-                dense_stream = captured.first_samples(config.gram_nsamples)
+                dense_stream = captured.first_samples(config.target_nsamples)
         report.calibration_windows = needed
         # Without a cache nothing else needs the captured inputs: keep a handle only on spilled
         # files (to delete them), so in-memory activations can be freed as soon as pruning is done with them.
@@ -241,7 +242,8 @@ def _prune_layers(
     dense: dict[tuple[int, str], InputStats] = {}
     if method.allocator.is_global:
         dense = _plan(arch, layers, calib, config, method, timer, report, progress, cache, layer_source)
-        if calib is not None and not config.compensate and not method.transforms:
+        own_targets = CompensationPolicy.from_config(config).dense_targets  # they need the pruned model's stream
+        if calib is not None and not config.compensate and not method.transforms and not own_targets:
             calib.release()  # the plan and the scoring pass's statistics are all that pruning needs
             calib = None
 
@@ -394,7 +396,7 @@ class _LayerStep:
     ) -> _Deferred | None:
         policy, timer, method = self.policy, self.timer, self.method
         where, mean_bias = self._where(block), self._mean_bias()
-        gram_stats, targets = None, {}
+        gram_stats, targets, target_inputs = None, {}, None
         # What the block or layer before this one freed goes back to the system, so that this
         # block's pass does not stack on the allocator's leftovers (the heap rarely fits a new pass
         # into them) and the heap does not grow layer by layer.
@@ -404,13 +406,19 @@ class _LayerStep:
             collected, gram_stats, taps = _block_taps(
                 block.consumer, self.config, policy, wants_selection, method.selector.needs_gram
             )
+            if policy.dense_targets and not policy.compensate:  # the method's own update, retargeted
+                target_inputs = collected  # the selection statistics cover the targets' windows
+                if target_inputs is None:  # the selection came from the dense model (a global plan)
+                    consumer = block.consumer  # the pruned model's inputs are summed beside the targets
+                    target_inputs = InputStats(consumer.in_features, gram=False, device=consumer.weight.device)
+                    taps.append((target_inputs, self.config.nsamples))
             if policy.dense_targets:  # one pass beside the dense layer collects the taps too
                 targets = self._targets(layer, block, taps)
             elif taps:
                 with timer.section("calibration"):
                     run_layer(layer, self.calib, [(block.consumer, taps)], stop_at=block.consumer)
             self.report.layer_passes += 1
-            for stats in {id(s): s for s in (collected, gram_stats) if s is not None}.values():
+            for stats in {id(s): s for s in (collected, gram_stats, target_inputs) if s is not None}.values():
                 stats.all_reduce()  # data-parallel runs: sum over processes
                 stats.check_finite(where)
             if selection is None:
@@ -439,6 +447,7 @@ class _LayerStep:
                     decision.refit,
                     previous_lambda(self.report.blocks, block.kind),
                     targets,
+                    target_inputs,
                 )
         with timer.section("pruning"):
             if block.kind == "attn":
@@ -479,7 +488,7 @@ class _LayerStep:
             values = {"dense": dense_out.to(device)}
             if "residual" in names:
                 values["residual"] = values["dense"] + drift.to(device)
-            for fold, rows in fold_rows(ids, self.config.gram_nsamples, self.policy.folds):
+            for fold, rows in fold_rows(ids, self.config.target_nsamples, self.policy.folds):
                 for name in names:
                     t = values[name] if rows is None else values[name][rows.to(device)]
                     h = inputs if rows is None else inputs[rows.to(inputs.device)]
@@ -493,7 +502,7 @@ class _LayerStep:
                 self.dense_layer,
                 self.calib,
                 self.dense_stream,
-                self.config.gram_nsamples,
+                self.config.target_nsamples,
                 on_batch,
                 taps,
                 dense_at_mid=self.dense_at == "mid",
@@ -524,6 +533,18 @@ class _LayerStep:
             )
         set_consumer(consumer, update.weight, update.bias)
         item.row.update(update.notes)
+
+
+def check_target(config: PruneConfig, method: Method) -> None:
+    """A dense-model target without compensation retargets the method's own update: the method must make one."""
+    policy = CompensationPolicy.from_config(config)
+    if policy.dense_targets and not policy.compensate and not policy.makes_own_update(method):
+        without = " with --no_bias_compensation" if method.selector.mean_bias else ""
+        raise ConfigError(
+            f"--grail_target {config.grail_target} without --compensate retargets the method's own update of the "
+            f"consumers (FLAP's bias compensation, SlimGPT's refit), and {method.name} makes none{without}: "
+            "add --compensate."
+        )
 
 
 def _block_taps(

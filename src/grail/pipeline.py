@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from grail import data, distributed
 from grail.calibration import available_ram
 from grail.config import RunConfig
-from grail.engine import PruneReport, prune_model
+from grail.engine import PruneReport, check_target, prune_model
 from grail.errors import GrailError
 from grail.evaluate.perplexity import perplexity
 from grail.evaluate.speed import SpeedSetting, format_speed, measure_speed
@@ -399,6 +399,7 @@ def run(config: RunConfig, progress: bool = True) -> dict:
     # Everything that can be checked without the model is checked (and read) first.
     check_before_work(config)
     method = make_method(config.prune)
+    check_target(config.prune, method)
     needed = config.prune.windows_needed(method.uses_activations)
     texts = read_texts(config, needed)
     too_big, size, available = _does_not_fit(config.model, device)

@@ -195,7 +195,7 @@ def stages(shape: ModelShape, s: Setting) -> list[Stage]:
     needed = p.windows_needed(traits["activations"])
     per_rank = math.ceil(needed / ranks) if needed else 0
     activations = per_rank * s.seqlen * d * w
-    dense_copy = math.ceil(p.gram_nsamples / ranks) * s.seqlen * d * w
+    dense_copy = math.ceil(p.target_nsamples / ranks) * s.seqlen * d * w
     on_disk = s.spill
     host_stats = p.stats_device == "host" and s.device == "cuda"
     compensate, auto = p.compensate, p.compensate and p.ridge_lambda == "auto"
@@ -289,6 +289,8 @@ def stages(shape: ModelShape, s: Setting) -> list[Stage]:
         if traits["selection_gram"]:  # SlimGPT's OBS (grail.methods.slimgpt), in float64
             selection.device["Hessian, its factor, inverse, identity and the OBS downdates"] = 6 * width * width * F64
             selection.device["consumer weights in float64"] = out_dim * width * F64
+            if targets and not compensate:  # the refit towards a dense-model target (grail.compensate.retarget_refit)
+                selection.device["the refit's target cross moment with the damping's pull"] = out_dim * width * F64
         out.append(selection)
         held_for_refit = {}  # the damped Hessian stays with SlimGPT's decision, for its own refit
         if traits["selection_gram"]:
@@ -430,15 +432,16 @@ def time_estimate(shape: ModelShape, s: Setting) -> dict:
     mlp_macs = 3 * d * i_w
     layer_macs = attn_macs + mlp_macs
     per_layer = (attn_macs - d * a_w) / layer_macs + (attn_macs + 2 * d * i_w) / layer_macs + 1.0
-    if p.grail_target != "pruned" and p.compensate:
+    targets = len(CompensationPolicy.from_config(p).dense_targets)
+    if targets:  # the dense layer's pass beside the pruned one
         per_layer += 1.0
     passes = per_layer * shape.layers + (shape.layers if traits["scoring_pass"] else 0)
     gram_macs = solve_macs = 0.0  # per layer
     if p.compensate or traits["selection_gram"]:  # every token's Gram product, at each consumer
         gram_tokens = (p.gram_nsamples if p.compensate else p.nsamples) * s.seqlen
         gram_macs = gram_tokens * (a_w**2 + i_w**2)
-        # each dense-model target's cross moment, O x D per token
-        gram_macs += gram_tokens * len(CompensationPolicy.from_config(p).dense_targets) * d * (a_w + i_w)
+    # each dense-model target's cross moment, O x D per token
+    gram_macs += p.target_nsamples * s.seqlen * targets * d * (a_w + i_w)
     if p.compensate:
         factorisations = 1
         if p.ridge_lambda == "auto":

@@ -22,8 +22,18 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from grail.compensate import Moments, add_bias, choose_lambda, choose_target, fit_consumer, mean_bias_shift
+from grail.compensate import (
+    Moments,
+    add_bias,
+    choose_lambda,
+    choose_target,
+    fit_consumer,
+    mean_bias_shift,
+    retarget_refit,
+    target_mean_shift,
+)
 from grail.config import PruneConfig
+from grail.methods.base import Method
 from grail.stats import InputStats, TargetStats
 
 log = logging.getLogger(__name__)
@@ -73,11 +83,13 @@ class CompensationPolicy:
     def dense_targets(self) -> tuple[str, ...]:
         """Targets whose moments come from the dense model's activations (none for ``pruned``).
 
+        Without compensation they retarget the method's own update (:meth:`plain`).
+
         ``auto`` chooses between ``pruned`` and ``residual`` only: offered ``dense`` too, its
         per-block yardstick chose it for most consumers, and ``dense`` is the worst target for the
         whole model (SmolLM2, 16 x 256 windows: Wanda-SP 50% 337 against 280 without it, 70%
         1755 against 560, FLAP 50% 388 against 260; see the README)."""
-        if not self.compensate or self.target == "pruned":
+        if self.target == "pruned":
             return ()
         return ("residual",) if self.target == "auto" else (self.target,)
 
@@ -85,6 +97,11 @@ class CompensationPolicy:
     def affine(self) -> bool:
         """Whether the fit has an intercept (which becomes a bias)."""
         return self.fit == "affine" and self.bias_compensation
+
+    def makes_own_update(self, method: Method) -> bool:
+        """Whether plain pruning with ``method`` changes the consumer beyond dropping columns (what a
+        dense-model target retargets without compensation)."""
+        return method.selector.refits or (self.bias_compensation and method.selector.mean_bias)
 
     def plain(
         self,
@@ -94,17 +111,29 @@ class CompensationPolicy:
         selection: InputStats | None,
         mean_bias: bool,
         refit: Moments | None = None,
+        target: TargetStats | None = None,
+        target_inputs: InputStats | None = None,
     ) -> ConsumerUpdate:
         """Plain pruning: the kept columns (and the mean bias), or the least-squares refit on ``refit``.
 
         ``refit`` is a method's own update (SlimGPT's Optimal Brain Surgeon steps end at the
         unpenalised least-squares refit of the kept columns on its damped Hessian).
+
+        With ``target`` (a dense-model target's moments) the method's own update reproduces it
+        instead of the consumer's output on the pruned model's activations: the mean bias becomes
+        :func:`target_mean_shift` (``target_inputs``: the pruned model's consumer inputs over the
+        target's tokens), the refit :func:`retarget_refit`.
         """
         kept_columns = kept_columns.to(weight.device)
         if refit is not None:
-            fit = fit_consumer(weight, refit, kept_columns, 0.0, affine=self.bias_compensation)
+            moments = None if target is None else retarget_refit(weight, refit, selection.gram, target.moments())
+            fit = fit_consumer(weight, refit, kept_columns, 0.0, affine=self.bias_compensation, target=moments)
             return ConsumerUpdate(fit.weight, add_bias(bias, fit.bias_shift))
-        shift = mean_bias_shift(weight, selection.mean, kept_columns) if mean_bias else None
+        shift = None
+        if mean_bias and target is not None:
+            shift = target_mean_shift(weight, target.moments(), target_inputs.sum, target_inputs.count, kept_columns)
+        elif mean_bias:
+            shift = mean_bias_shift(weight, selection.mean, kept_columns)
         return ConsumerUpdate(weight[:, kept_columns], add_bias(bias, shift))
 
     def _held_out_choice(
@@ -160,15 +189,20 @@ class CompensationPolicy:
         refit: Moments | None = None,
         start_lambda: float | None = None,
         targets: dict[str, TargetStats] | None = None,
+        target_inputs: InputStats | None = None,
     ) -> ConsumerUpdate:
         """The consumer after pruning: compensated when the policy says so, else plain pruning.
 
         ``start_lambda`` is where the local search of ``--ridge_lambda auto`` starts (the same
         consumer's choice in the previous layer: neighbouring layers choose alike).
-        ``targets`` hold the moments of :attr:`dense_targets`, by name.
+        ``targets`` hold the moments of :attr:`dense_targets`, by name; without compensation they
+        retarget the method's own update (:meth:`plain`, with ``target_inputs``).
         """
         if not self.compensate:
-            return self.plain(weight, bias, kept_columns, selection, mean_bias, refit)
+            own_target = (targets or {}).get(self.target)
+            plain = self.plain(weight, bias, kept_columns, selection, mean_bias, refit, own_target, target_inputs)
+            notes = {"target": self.target} if own_target is not None else {}
+            return ConsumerUpdate(plain.weight, plain.bias, notes)
         started = time.perf_counter()
         kept_columns = kept_columns.to(weight.device)
         notes: dict = {}

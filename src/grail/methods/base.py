@@ -75,6 +75,7 @@ class Selector:
     uses_activations: bool = True  # needs calibration statistics
     needs_gram: bool = False  # its statistics must include the Gram matrix
     mean_bias: bool = False  # plain pruning adds the removed units' mean contribution as a bias
+    refits: bool = False  # its decisions carry a refit of the consumer (``Decision.refit``)
 
     def unit_scores(self, block: Block, evidence: Evidence) -> tuple[BlockUnits, Tensor]:
         """The block's units and a score for each (higher: more important)."""

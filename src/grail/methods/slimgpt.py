@@ -163,6 +163,7 @@ class SlimGPTSelector(Selector):
 
     needs_gram = True
     mean_bias = True  # the refit gets an intercept
+    refits = True
 
     def select(self, block: Block, evidence: Evidence, n_remove: int) -> Decision:
         stats = evidence.stats
