@@ -31,7 +31,9 @@ import torch
 
 import grail
 from grail.data import resolve_data_dir
+from grail.engine import check_target
 from grail.evaluate.zero_shot import zero_shot
+from grail.methods import make_method
 from grail.timing import Timer
 
 TARGETS = ("pruned", "dense", "residual", "auto")
@@ -43,6 +45,18 @@ def prune_once(dense, windows, config: grail.PruneConfig) -> tuple:
     started = time.perf_counter()
     report = grail.prune_model(model, windows, config, timer=timer, progress=False)
     return model, report, time.perf_counter() - started, timer
+
+
+def run_config(args: argparse.Namespace, method: str, ratio: float, nsamples: int, target: str) -> grail.PruneConfig:
+    return grail.PruneConfig(
+        prune_method=method,
+        pruning_ratio=ratio,
+        nsamples=nsamples,
+        compensate=not args.own_update,
+        ridge_lambda=0.001 if args.own_update else "auto",
+        grail_target=target,
+        calib_batch_size=args.calib_batch_size,
+    )
 
 
 def main() -> None:
@@ -70,6 +84,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    for method in args.methods.split(","):  # every run's settings are checked before the first one
+        for target in args.targets.split(","):
+            config = run_config(args, method, 0.5, 16, target)
+            check_target(config, make_method(config))
     dense, tokenizer = grail.load_model(args.model, dtype=torch.float32, device="cpu")
     more_ratios = {float(r) for r in args.more_ratios.split(",") if r}
     zero_shot_ratios = {float(r) for r in args.zero_shot_ratios.split(",") if r}
@@ -82,15 +100,7 @@ def main() -> None:
                 datasets = ["wikitext2", *(args.more_datasets.split(",") if ratio in more_ratios else [])]
                 runs, models = {}, {}
                 for target in args.targets.split(","):
-                    config = grail.PruneConfig(
-                        prune_method=method,
-                        pruning_ratio=ratio,
-                        nsamples=nsamples,
-                        compensate=not args.own_update,
-                        ridge_lambda=0.001 if args.own_update else "auto",
-                        grail_target=target,
-                        calib_batch_size=args.calib_batch_size,
-                    )
+                    config = run_config(args, method, ratio, nsamples, target)
                     model, report, elapsed, timer = prune_once(dense, windows, config)
                     ppl = {
                         name: grail.evaluate_perplexity(

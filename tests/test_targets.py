@@ -24,10 +24,12 @@ from grail.compensate import (
 from grail.config import ConfigError, PruneConfig
 from grail.engine import check_target, prune_model
 from grail.methods import make_method
+from grail.methods.flap import FLAPOptions
 from grail.methods.slimgpt import damped_hessian
 from grail.models.arch import arch_for
 from grail.policy import CompensationPolicy
 from grail.stats import InputStats, TargetStats
+from grail.sweep import run_label
 
 KEPT = torch.tensor([0, 2, 3, 5, 8])
 REMOVED = torch.tensor([1, 4, 6, 7])
@@ -364,6 +366,11 @@ def test_target_options_are_checked():
     for method in ("flap", "slimgpt"):
         config = PruneConfig(prune_method=method, grail_target="residual")
         check_target(config, make_method(config))
+    # a sweep's plain runs are labelled with the target their own update follows
+    assert run_label({"prune_method": "flap", "compensate": False, "grail_target": "dense"}, set()) == (
+        "flap (grail_target=dense)"
+    )
+    assert run_label({"prune_method": "flap", "compensate": False, "grail_target": "pruned"}, set()) == "flap"
     with pytest.raises(ConfigError, match="use it with --ridge_lambda auto"):
         PruneConfig(grail_target="auto", compensate=True, ridge_lambda=0.01)
     assert PruneConfig(grail_target="residual", compensate=True).grail_target == "residual"
@@ -437,3 +444,24 @@ def test_a_methods_own_update_towards_the_dense_model(method):
     last = {name: layer[-1].mlp.down_proj.bias for name, layer in layers.items()}
     assert not torch.allclose(last["dense"], last["pruned"], rtol=1e-3, atol=1e-4)
     assert not torch.allclose(last["residual"], last["dense"], rtol=1e-3, atol=1e-4)
+
+
+def test_for_flap_dense_and_residual_coincide_where_every_earlier_block_was_pruned():
+    """Each retargeted intercept gives a block's mean output the target's mean, so the residual stream's mean
+    drift stays zero while every block is pruned (UL-UM prunes them all)."""
+    model = tiny_model("llama", 6, 2, layers=3)
+    windows = random_windows(8, 16)
+    biases = {}
+    for target in ("dense", "residual"):
+        m = copy.deepcopy(model)
+        config = PruneConfig(
+            prune_method="flap", pruning_ratio=0.4, nsamples=8, grail_target=target, calib_batch_size=3,
+            method_options={"flap": FLAPOptions(structure="UL-UM")},
+        )  # fmt: skip
+        report = prune_model(m, windows, config, progress=False)
+        assert len(report.blocks) == 6  # every block pruned
+        biases[target] = [
+            b for layer in m.model.layers for b in (layer.self_attn.o_proj.bias, layer.mlp.down_proj.bias)
+        ]
+    for dense, residual in zip(biases["dense"], biases["residual"], strict=True):
+        torch.testing.assert_close(residual, dense, rtol=1e-5, atol=1e-6)

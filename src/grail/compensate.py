@@ -187,7 +187,7 @@ class TargetMoments:
     ``tr(W G W^T)``.
     """
 
-    cross: Tensor
+    cross: Tensor | None  # None where only the sums were kept
     sums: Tensor
     sq: float
     sketch_sq: float

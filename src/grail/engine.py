@@ -411,7 +411,7 @@ class _LayerStep:
                 if target_inputs is None:  # the selection came from the dense model (a global plan)
                     consumer = block.consumer  # the pruned model's inputs are summed beside the targets
                     target_inputs = InputStats(consumer.in_features, gram=False, device=consumer.weight.device)
-                    taps.append((target_inputs, self.config.nsamples))
+                    taps.append((target_inputs, self.config.target_nsamples))
             if policy.dense_targets:  # one pass beside the dense layer collects the taps too
                 targets = self._targets(layer, block, taps)
             elif taps:
@@ -479,8 +479,12 @@ class _LayerStep:
         consumer = block.consumer
         device = consumer.weight.device
         cross_device = statistics_device(self.config, device)
+        # A retargeted mean bias (no compensation, no refit) needs the targets' sums only.
+        cross = self.policy.compensate or self.method.selector.refits
         stats = {
-            name: TargetStats(consumer.out_features, consumer.in_features, device, self.policy.folds, cross_device)
+            name: TargetStats(
+                consumer.out_features, consumer.in_features, device, self.policy.folds, cross_device, cross
+            )
             for name in names
         }
 

@@ -157,6 +157,7 @@ def _method_traits(prune: PruneConfig) -> dict:
         "activations": method.uses_activations,
         "scoring_pass": method.allocator.is_global and method.selector.uses_activations,
         "selection_gram": method.selector.needs_gram,
+        "refits": method.selector.refits,
         "transforms": bool(method.transforms),
     }
 
@@ -281,7 +282,8 @@ def stages(shape: ModelShape, s: Setting) -> list[Stage]:
             block.device["selection Gram matrix"] = width * width * F64
         if targets:
             block.device["dense copy of the layer"] = layer
-            home[f"target cross moments ({targets} x {folds} fold(s))"] = targets * folds * out_dim * width * F64
+            if compensate or traits["refits"]:  # a retargeted mean bias keeps the targets' sums only
+                home[f"target cross moments ({targets} x {folds} fold(s))"] = targets * folds * out_dim * width * F64
         if traits["transforms"]:  # a float32 layer with gradients and the optimiser's two moments
             block.device["regional optimisation (float32 layer, gradients, moments)"] = 4 * shape.layer_params() * 4
         out.append(block)
@@ -289,8 +291,6 @@ def stages(shape: ModelShape, s: Setting) -> list[Stage]:
         if traits["selection_gram"]:  # SlimGPT's OBS (grail.methods.slimgpt), in float64
             selection.device["Hessian, its factor, inverse, identity and the OBS downdates"] = 6 * width * width * F64
             selection.device["consumer weights in float64"] = out_dim * width * F64
-            if targets and not compensate:  # the refit towards a dense-model target (grail.compensate.retarget_refit)
-                selection.device["the refit's target cross moment with the damping's pull"] = out_dim * width * F64
         out.append(selection)
         held_for_refit = {}  # the damped Hessian stays with SlimGPT's decision, for its own refit
         if traits["selection_gram"]:
@@ -440,8 +440,8 @@ def time_estimate(shape: ModelShape, s: Setting) -> dict:
     if p.compensate or traits["selection_gram"]:  # every token's Gram product, at each consumer
         gram_tokens = (p.gram_nsamples if p.compensate else p.nsamples) * s.seqlen
         gram_macs = gram_tokens * (a_w**2 + i_w**2)
-    # each dense-model target's cross moment, O x D per token
-    gram_macs += p.target_nsamples * s.seqlen * targets * d * (a_w + i_w)
+    if p.compensate or traits["refits"]:  # each dense-model target's cross moment, O x D per token
+        gram_macs += p.target_nsamples * s.seqlen * targets * d * (a_w + i_w)
     if p.compensate:
         factorisations = 1
         if p.ridge_lambda == "auto":
@@ -658,6 +658,10 @@ def plan_config(
     config: RunConfig, device_memory: float | None = None, host_memory: float | None = None, processes: int = 1
 ) -> Plan:
     """The plan of the run ``config`` describes (memory in GiB), read from the model's configuration only."""
+    from grail.engine import check_target
+    from grail.methods import make_method
+
+    check_target(config.prune, make_method(config.prune))  # a run the main command would refuse has no plan
     return plan_run(model_shape(config.model), setting_from_config(config, processes), device_memory, host_memory)
 
 

@@ -192,10 +192,13 @@ class TargetStats:
         device: torch.device | str = "cpu",
         n_folds: int = 1,
         cross_device: torch.device | str | None = None,
+        cross: bool = True,
     ):
         cross_device = device if cross_device is None else cross_device
+        # Without ``cross`` only the sums are kept (an intercept-only update needs no more).
         self.fold_cross = [
-            torch.zeros(out_dim, in_dim, dtype=torch.float64, device=cross_device) for _ in range(n_folds)
+            torch.zeros(out_dim, in_dim, dtype=torch.float64, device=cross_device)
+            for _ in range(n_folds if cross else 0)
         ]
         self.fold_sums = [torch.zeros(out_dim, dtype=torch.float64, device=device) for _ in range(n_folds)]
         self.fold_sq = torch.zeros(n_folds, dtype=torch.float64, device=device)
@@ -212,10 +215,11 @@ class TargetStats:
         inputs = inputs.reshape(-1, inputs.shape[-1])
         for tokens in token_chunks(len(target), max(target.shape[1], inputs.shape[1])):
             t = target[tokens].to(torch.float64)
-            h = inputs[tokens].to(t)
-            _add_product(self.fold_cross[fold], t, h)
             self.fold_sums[fold] += t.sum(dim=0)
             self.fold_sq[fold] += t.square().sum()
+            if not self.fold_cross:
+                continue
+            _add_product(self.fold_cross[fold], t, inputs[tokens].to(t))
             sketched = t if self.sketch is None else t @ self.sketch.T
             self.fold_sketch_sq[fold] += sketched.square().sum()
 
@@ -223,15 +227,14 @@ class TargetStats:
         """Add the folds into the first one, in place (see :meth:`InputStats.merge_folds`)."""
         if self.n_folds == 1:
             return
-        self.fold_cross = [_total_in_place(self.fold_cross)]
+        self.fold_cross = [_total_in_place(self.fold_cross)] if self.fold_cross else []
         self.fold_sums = [_total_in_place(self.fold_sums)]
         self.fold_sq = self.fold_sq.sum().reshape(1)
         self.fold_sketch_sq = self.fold_sketch_sq.sum().reshape(1)
 
     def _moments(self, i: int) -> TargetMoments:
-        return TargetMoments(
-            self.fold_cross[i], self.fold_sums[i], float(self.fold_sq[i]), float(self.fold_sketch_sq[i])
-        )
+        cross = self.fold_cross[i] if self.fold_cross else None
+        return TargetMoments(cross, self.fold_sums[i], float(self.fold_sq[i]), float(self.fold_sketch_sq[i]))
 
     def fold_moments(self) -> list[TargetMoments]:
         return [self._moments(i) for i in range(self.n_folds)]
@@ -239,7 +242,7 @@ class TargetStats:
     def moments(self) -> TargetMoments:
         """The sums over all folds."""
         return TargetMoments(
-            _total(self.fold_cross),
+            _total(self.fold_cross) if self.fold_cross else None,
             _total(self.fold_sums),
             float(self.fold_sq.sum()),
             float(self.fold_sketch_sq.sum()),

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from grail.calibration import Calibration
 from grail.config import RunConfig
+from grail.engine import check_target
 from grail.errors import GrailError
 from grail.methods import make_method
 from grail.models.loading import load_model, torch_dtype
@@ -82,6 +83,9 @@ def run_label(prune: dict, varied: set[str]) -> str:
     extras = [f"{k}={prune[k]}" for k in sorted(varied - {"prune_method", "pruning_ratio", "compensate"})]
     if not prune["compensate"]:
         extras = [e for e in extras if not e.startswith(("ridge_lambda", "grail_fit", "comp_nsamples", "ridge_prior"))]
+    target = prune.get("grail_target", "pruned")
+    if target != "pruned" and "grail_target" not in varied:  # a plain run's own update is retargeted too
+        extras.append(f"grail_target={target}")
     return label + (f" ({', '.join(extras)})" if extras else "")
 
 
@@ -104,7 +108,10 @@ def sweep(base: RunConfig, runs: list[dict], out_dir: str | Path, progress: bool
         base = replace(base, eval=True)  # a sweep always reports perplexity on the calibration dataset
     configs = [replace(base, prune=replace(base.prune, **overrides)) for overrides in runs]  # validates every run
     check_before_work(base)
-    needed = max(c.prune.windows_needed(make_method(c.prune).uses_activations) for c in configs)
+    methods = [make_method(c.prune) for c in configs]
+    for config, method in zip(configs, methods, strict=True):
+        check_target(config.prune, method)  # before any run, not when its turn comes
+    needed = max(c.prune.windows_needed(m.uses_activations) for c, m in zip(configs, methods, strict=True))
     texts = read_texts(base, needed)
     device = base.device or default_device()
     model, tokenizer = load_model(base.model, torch_dtype(base.dtype), device)
