@@ -133,7 +133,9 @@ def model_part(args: argparse.Namespace) -> dict:
                     },
                     "calibration_s": {name: round(r["timings"].get("calibration", 0.0), 2) for name, r in runs.items()},
                     "time_over_fixed": {name: round(r["prune_s"] / fixed, 3) for name, r in runs.items()},
-                    "local_over_full_ppl": round(runs["auto local"]["ppl"] / full["ppl"] - 1, 5),
+                    "local_over_full_ppl": round(runs["auto local"]["ppl"] / full["ppl"] - 1, 5)
+                    if "auto full" in runs
+                    else None,
                     "replayed_same_choice": f"{same}/{total}" if "auto full" in runs else None,
                     "run_same_choice": f"{sum(paired)}/{len(paired)}" if "auto full" in runs else None,
                     "local_candidates_mean": round(sum(evaluated) / len(evaluated), 2),
