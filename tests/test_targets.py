@@ -465,3 +465,29 @@ def test_for_flap_dense_and_residual_coincide_where_every_earlier_block_was_prun
         ]
     for dense, residual in zip(biases["dense"], biases["residual"], strict=True):
         torch.testing.assert_close(residual, dense, rtol=1e-5, atol=1e-6)
+
+
+def test_a_retargeted_flap_bias_is_the_intercept_on_the_pruned_models_own_inputs():
+    """FLAP's plan reads the dense model's statistics; its retargeted bias must use the pruned model's inputs:
+    ``b0 + mean(W0 h_d) - W[:, P] mean(h_p[P])`` at the last consumer, from activations recorded directly."""
+    model = tiny_model("llama", 6, 2, layers=3)
+    windows = random_windows(8, 16)
+    pruned = copy.deepcopy(model)
+    config = PruneConfig(prune_method="flap", pruning_ratio=0.4, nsamples=8, grail_target="dense", calib_batch_size=3)
+    prune_model(pruned, windows, config, progress=False)
+
+    def consumer_inputs(m):
+        seen = []
+        consumer = m.model.layers[-1].mlp.down_proj
+        handle = consumer.register_forward_pre_hook(lambda _, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+        with torch.no_grad():
+            m(windows)
+        handle.remove()
+        return consumer, torch.cat(seen).double()
+
+    dense_consumer, h_d = consumer_inputs(model)
+    pruned_consumer, h_p = consumer_inputs(pruned)
+    assert pruned_consumer.in_features < dense_consumer.in_features
+    dense_bias = 0.0 if dense_consumer.bias is None else dense_consumer.bias.double()
+    want = dense_bias + h_d.mean(0) @ dense_consumer.weight.double().T - h_p.mean(0) @ pruned_consumer.weight.double().T
+    torch.testing.assert_close(pruned_consumer.bias.double(), want, rtol=1e-4, atol=1e-5)

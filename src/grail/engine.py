@@ -239,15 +239,15 @@ def _prune_layers(
 ) -> None:
     """The layer loop of :func:`prune_model`: plan (global allocators), then prune each layer in order."""
 
+    policy = CompensationPolicy.from_config(config)
     dense: dict[tuple[int, str], InputStats] = {}
     if method.allocator.is_global:
         dense = _plan(arch, layers, calib, config, method, timer, report, progress, cache, layer_source)
-        own_targets = CompensationPolicy.from_config(config).dense_targets  # they need the pruned model's stream
-        if calib is not None and not config.compensate and not method.transforms and not own_targets:
+        # dense-model targets need the pruned model's stream too
+        if calib is not None and not config.compensate and not method.transforms and not policy.dense_targets:
             calib.release()  # the plan and the scoring pass's statistics are all that pruning needs
             calib = None
 
-    policy = CompensationPolicy.from_config(config)
     step = _LayerStep(arch, calib, config, policy, method, timer, report, dense_stream)
     desc = f"{method.name} + GRAIL" if config.compensate else method.name
     for index, layer in enumerate(tqdm(layers, desc=desc, disable=not progress)):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import Tensor
 
@@ -201,8 +201,7 @@ class CompensationPolicy:
         if not self.compensate:
             own_target = (targets or {}).get(self.target)
             plain = self.plain(weight, bias, kept_columns, selection, mean_bias, refit, own_target, target_inputs)
-            notes = {"target": self.target} if own_target is not None else {}
-            return ConsumerUpdate(plain.weight, plain.bias, notes)
+            return replace(plain, notes={"target": self.target}) if own_target is not None else plain
         started = time.perf_counter()
         kept_columns = kept_columns.to(weight.device)
         notes: dict = {}
