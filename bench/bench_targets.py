@@ -4,10 +4,9 @@ For every calibration size, method and ratio given, prunes the same model with t
 calibration windows once per target (``pruned``, today's fit; ``dense``; ``residual``; and
 ``auto``, the per-consumer choice), all with ``--ridge_lambda auto``, and reports for each:
 WikiText-2 perplexity (and the other datasets given for the ratios given), the pruning time
-as a ratio to the ``pruned`` run, and which target ``auto`` chose how often. (Peak memory is
-not measured here: after the first run in a process the C allocator keeps freed memory, so
-the growth of resident memory undercounts; the dense stream is one more copy of the
-activations by construction.) With ``--zero_shot_ratios`` the best target's
+as a ratio to the ``pruned`` run, the growth of resident memory while pruning (freed heap
+memory is handed back to the system first, and the high-water mark restarted) as a ratio to
+the ``pruned`` run's, and which target ``auto`` chose how often. With ``--zero_shot_ratios`` the best target's
 0-shot mean accuracy is measured beside ``pruned``'s. With ``--own_update`` there is no
 GRAIL: the targets retarget the method's own update of the consumers (FLAP's bias
 compensation, SlimGPT's refit; ``--targets pruned,dense,residual``).
@@ -33,6 +32,7 @@ import grail
 from grail.data import resolve_data_dir
 from grail.engine import check_target
 from grail.evaluate.zero_shot import zero_shot
+from grail.memory import peak_rss_bytes, reset_peak_rss, return_freed_memory, rss_bytes
 from grail.methods import make_method
 from grail.timing import Timer
 
@@ -40,11 +40,17 @@ TARGETS = ("pruned", "dense", "residual", "auto")
 
 
 def prune_once(dense, windows, config: grail.PruneConfig) -> tuple:
-    """(pruned model, report, seconds, timer)."""
+    """(pruned model, report, seconds, timer, growth of resident memory in bytes or None)."""
     model, timer = copy.deepcopy(dense), Timer()
+    return_freed_memory()
+    before = rss_bytes() if reset_peak_rss() else None
     started = time.perf_counter()
     report = grail.prune_model(model, windows, config, timer=timer, progress=False)
-    return model, report, time.perf_counter() - started, timer
+    elapsed = time.perf_counter() - started
+    # the run restarts the high-water mark in every section and keeps each section's peak
+    peak = max([*timer.host_peaks.values(), peak_rss_bytes() or 0])
+    growth = peak - before if before is not None and peak is not None else None
+    return model, report, elapsed, timer, growth
 
 
 def run_config(args: argparse.Namespace, method: str, ratio: float, nsamples: int, target: str) -> grail.PruneConfig:
@@ -101,7 +107,7 @@ def main() -> None:
                 runs, models = {}, {}
                 for target in args.targets.split(","):
                     config = run_config(args, method, ratio, nsamples, target)
-                    model, report, elapsed, timer = prune_once(dense, windows, config)
+                    model, report, elapsed, timer, growth = prune_once(dense, windows, config)
                     ppl = {
                         name: grail.evaluate_perplexity(
                             model, tokenizer, name, args.eval_seqlen, args.data_dir, args.eval_samples, progress=False
@@ -112,12 +118,17 @@ def main() -> None:
                     runs[target] = {
                         "ppl": ppl,
                         "prune_s": elapsed,
+                        "memory_growth": growth,
                         "timings": timer.as_dict(),
                         "chosen": dict(chosen),
                     }
                     models[target] = model
                     line = {"calibration": calibration, "method": method, "ratio": ratio, target: ppl}
-                    print(json.dumps(line | {"prune_s": round(elapsed, 1), "chosen": dict(chosen)}), flush=True)
+                    mib = growth and round(growth / 2**20, 1)
+                    print(
+                        json.dumps(line | {"prune_s": round(elapsed, 1), "growth_mib": mib, "chosen": dict(chosen)}),
+                        flush=True,
+                    )
                 base = runs.get("pruned")  # the ratios need the default target among those run
                 cell = {
                     "calibration": calibration,
@@ -128,9 +139,22 @@ def main() -> None:
                     and {t: round(r["ppl"]["wikitext2"] / base["ppl"]["wikitext2"], 4) for t, r in runs.items()},
                     "time_over_pruned": base and {t: round(r["prune_s"] / base["prune_s"], 3) for t, r in runs.items()},
                     "prune_s": {t: round(r["prune_s"], 1) for t, r in runs.items()},
+                    "memory_growth_mib": {
+                        t: r["memory_growth"] and round(r["memory_growth"] / 2**20, 1) for t, r in runs.items()
+                    },
+                    "memory_over_pruned": base
+                    and base["memory_growth"]
+                    and {
+                        t: r["memory_growth"] and round(r["memory_growth"] / base["memory_growth"], 3)
+                        for t, r in runs.items()
+                    },
                     "calibration_s": {t: round(r["timings"].get("calibration", 0.0), 1) for t, r in runs.items()},
                     "compensation_s": {t: round(r["timings"].get("compensation", 0.0), 1) for t, r in runs.items()},
                     "auto_chose": runs.get("auto", {}).get("chosen"),
+                    # the yardstick of the extra memory: one copy of the calibration activations
+                    "activations_copy_mib": round(
+                        nsamples * seqlen * dense.config.hidden_size * dense.dtype.itemsize / 2**20, 1
+                    ),
                 }
                 if ratio in zero_shot_ratios:
                     best = min(runs, key=lambda t: runs[t]["ppl"]["wikitext2"])
