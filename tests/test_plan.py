@@ -69,6 +69,23 @@ def test_plan_says_what_makes_a_run_fit():
     assert plan_run(shape, _setting(), device_memory=None, host_memory=None).fits is None
 
 
+@pytest.mark.parametrize("target", ["pruned", "residual"])
+def test_slimgpt_without_compensation_plans_its_own_refit(target):
+    shape = ModelShape.from_config(AutoConfig.for_model("llama", **LLAMA_2_70B))
+    plan = plan_run(shape, _setting(prune_method="slimgpt", compensate=False, grail_target=target))
+    stages = {s["stage"]: s for s in plan.stages}
+    refit = stages["refit, MLP block"]["device"]
+    kept = 28672 // 2
+    assert refit["system, overwritten by its factor"] == (kept + 1) ** 2 * 8
+    assert refit["right-hand side, overwritten by the solution"] == 8192 * (kept + 1) * 8
+    assert "SlimGPT's damped Hessian, kept for its refit" in refit
+    assert any(name.startswith("target cross moments") for name in refit) == (target != "pruned")
+    assert "solve, MLP block" not in stages
+    # the refit's factorisation and solve are in the time, as GRAIL's one solve at a fixed lambda is
+    compensated = plan_run(shape, _setting(prune_method="slimgpt", ridge_lambda=0.001))
+    assert plan.time["solve_passes"] == compensated.time["solve_passes"]
+
+
 LLAMA_3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                   num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192)  # fmt: skip
 

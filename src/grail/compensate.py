@@ -400,8 +400,11 @@ def retarget_refit(weight: Tensor, refit: Moments, gram: Tensor, target: TargetM
     the damping's pull towards the kept weights. Towards another target ``t`` it keeps that pull
     beside ``sum_n t_n h_n[P]^T``, so that with ``t_n = W h_n`` it is the method's refit again.
     ``gram`` is the undamped ``G`` (the damping is the difference of the diagonals).
+
+    The pull is added into ``target.cross`` in place (an O x H float64 copy saved): the target's
+    moments are spent by the refit, as the Gram matrix is by the final solve.
     """
-    cross = target.cross.clone()
+    cross = target.cross
     pull = (refit.gram.diagonal().to(torch.float64) - gram.diagonal().to(torch.float64)).to(cross.device)
     for rows in blocks_of(weight.shape[0], weight.shape[1]):
         cross[rows] += weight[rows].to(cross.device, torch.float64) * pull

@@ -301,6 +301,10 @@ def stages(shape: ModelShape, s: Setting) -> list[Stage]:
             out += _solve_stages(
                 kind, width, kept, out_dim, folds, targets, auto, block, held_for_refit, prior_bytes, in_place
             )
+        elif traits["refits"]:  # SlimGPT's own least-squares refit of the kept columns, on its damped Hessian
+            refit = _after(block, f"refit, {kind} block")
+            refit.device |= held_for_refit | _system_terms(width, kept, out_dim, in_place=False)
+            out.append(refit)
         surgery = _after(block, f"surgery, {kind} block")
         surgery.device |= held_for_refit
         surgery.device["the block's new, smaller projections"] = int(keep * shape.layer_params() * w / 2)
@@ -342,10 +346,6 @@ def _solve_stages(kind, width, kept, out_dim, folds, targets, auto, block, extra
     (and ``extra`` device terms) held. ``prior_bytes``: bytes per element of the kept weights the penalty
     pulls towards (0 for the zero prior); ``in_place``: the final system is made in the Gram matrix's memory."""
     k1, out = kept + 1, []
-    # W's rows and G's columns in float64 blocks (G's brought over from the host with --stats_device host),
-    # and their product
-    columns = block_elements(kept, width)
-    blocks = (block_elements(out_dim, width) + columns + out_dim * (columns // width)) * F64
     if auto:
         scored = min(out_dim, SKETCH_ROWS)  # cross-validation scores the consumer on a sketch of its outputs
         cv = _after(block, f"cross-validation, {kind} block")
@@ -362,15 +362,29 @@ def _solve_stages(kind, width, kept, out_dim, folds, targets, auto, block, extra
         for terms in (solve.device, solve.host):
             for name in [n for n in terms if n.startswith(("Gram matrices", "target cross moments"))]:
                 terms[name.replace(f"{folds} fold(s)", "folds merged")] = terms.pop(name) // folds
-    solve.device |= extra
-    solve.device["right-hand side, overwritten by the solution"] = out_dim * k1 * F64
-    if not in_place:
-        solve.device["system, overwritten by its factor"] = k1 * k1 * F64
-    solve.device["blocks of W and G in float64"] = blocks
+    solve.device |= extra | _system_terms(width, kept, out_dim, in_place)
     if prior_bytes:
         solve.device["kept weights (the penalty's prior)"] = out_dim * kept * prior_bytes
     out.append(solve)
     return out
+
+
+def _system_terms(width: int, kept: int, out_dim: int, in_place: bool) -> dict[str, int]:
+    """What one least-squares solve of a consumer's kept columns holds (:func:`grail.compensate.fit_consumer`).
+
+    ``in_place``: the system is made in the Gram matrix's memory and needs none of its own.
+    """
+    k1 = kept + 1
+    # W's rows and G's columns in float64 blocks (G's brought over from the host with --stats_device host),
+    # and their product
+    columns = block_elements(kept, width)
+    terms = {"right-hand side, overwritten by the solution": out_dim * k1 * F64}
+    if not in_place:
+        terms["system, overwritten by its factor"] = k1 * k1 * F64
+    terms["blocks of W and G in float64"] = (
+        block_elements(out_dim, width) + columns + out_dim * (columns // width)
+    ) * F64
+    return terms
 
 
 @dataclass
@@ -449,6 +463,8 @@ def time_estimate(shape: ModelShape, s: Setting) -> dict:
         for width in (a_w, i_w):
             k = keep * width
             solve_macs += factorisations * (k**3 / 3 + k * k * d) * 2
+    elif traits["refits"]:  # SlimGPT's own refit of the kept columns: one factorisation and solve
+        solve_macs += sum((keep * width) ** 3 / 3 + (keep * width) ** 2 * d for width in (a_w, i_w)) * 2
     if traits["selection_gram"]:  # SlimGPT's OBS: the Hessian's inverse and the downdates of every removal
         solve_macs += sum(OBS_CUBES * width**3 * 2 for width in (a_w, i_w))
     layer_pass = layer_macs * tokens

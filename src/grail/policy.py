@@ -126,7 +126,10 @@ class CompensationPolicy:
         """
         kept_columns = kept_columns.to(weight.device)
         if refit is not None:
-            moments = None if target is None else retarget_refit(weight, refit, selection.gram, target.moments())
+            moments = None
+            if target is not None:  # the folds' total in the first fold's memory, spent by the refit
+                target.merge_folds()
+                moments = retarget_refit(weight, refit, selection.gram, target.moments())
             fit = fit_consumer(weight, refit, kept_columns, 0.0, affine=self.bias_compensation, target=moments)
             return ConsumerUpdate(fit.weight, add_bias(bias, fit.bias_shift))
         shift = None
