@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 import grail
 from grail.cli import main
 from grail.evaluate.perplexity import perplexity
+from grail.memory import map_large_allocations
 from grail.streaming import prune_streaming, streamed_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,6 +96,20 @@ def test_activations_spilled_to_disk_give_the_same_result_and_are_deleted(tmp_pa
     assert (tmp_path / "acts").is_dir() and not any((tmp_path / "acts").iterdir())  # the spilled files are gone
     for name, tensor in results[0].items():
         torch.testing.assert_close(results[1][name], tensor, msg=name)
+
+
+def test_layer_streaming_gives_large_allocations_back_to_the_system(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(grail.streaming, "map_large_allocations", lambda: calls.append(True))
+    folder = _sharded_checkpoint(tmp_path / "model")
+    streamed_model(folder, "cpu", torch.float32)
+    assert calls  # the streamer asks for it, whichever way it is built
+    monkeypatch.undo()
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert map_large_allocations() is False  # the user's own setting stands
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    if Path("/proc/self/maps").is_file() and "libc.so.6" in Path("/proc/self/maps").read_text():
+        assert map_large_allocations() is True
 
 
 def test_offload_from_the_command_line(tmp_path, data_dir):

@@ -55,3 +55,26 @@ def return_freed_memory() -> None:
     """Hand freed heap memory back to the system (glibc keeps it otherwise, and resident memory only grows)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+STREAMING_MMAP_THRESHOLD = 4 * 2**20
+
+
+def map_large_allocations(threshold: int = STREAMING_MMAP_THRESHOLD) -> bool:
+    """Serve every heap allocation of ``threshold`` bytes or more from a mapping of its own, which goes
+    back to the system when it is freed; False where the user set ``MALLOC_MMAP_THRESHOLD_`` or the C
+    library is not glibc.
+
+    Below a threshold that grows with the largest block freed (up to 32 MiB) glibc serves allocations
+    from its heap, where a streamed layer's step leaves them scattered among live ones, so that
+    returning freed memory cannot give their pages back (``bench/bench_streaming.py``). The price is
+    fresh page faults for every such allocation, which slowed an in-memory evaluation by a fifth and
+    did not show in streamed runs: layer streaming sets it, since memory is what it is for.
+    """
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False

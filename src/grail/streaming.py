@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from grail.errors import GrailError
-from grail.memory import return_freed_memory
+from grail.memory import map_large_allocations, return_freed_memory
 from grail.models.arch import ArchSpec, arch_for
 from grail.models.modeling_grail import CLASSES
 from grail.models.saving import check_finite, checkpoint_layout, finish_checkpoint, verify_checksums
@@ -88,6 +88,7 @@ class LayerStreamer:
 
     def __init__(self, reader: CheckpointReader, arch: ArchSpec, device, dtype: torch.dtype, writer=None):
         self.reader, self.arch, self.device, self.dtype, self.writer = reader, arch, torch.device(device), dtype, writer
+        map_large_allocations()  # so that a released layer's memory goes back to the system
 
     def _prefix(self, index: int) -> str:
         return f"{self.arch.layers}.{index}."
