@@ -69,6 +69,17 @@ def test_plan_says_what_makes_a_run_fit():
     assert plan_run(shape, _setting(), device_memory=None, host_memory=None).fits is None
 
 
+def test_a_target_keeps_its_whole_cross_moment_once_and_each_folds_on_the_sketch():
+    shape = ModelShape.from_config(AutoConfig.for_model("llama", **LLAMA_2_70B))
+    plan = plan_run(shape, _setting(ridge_lambda="auto", grail_target="residual", stats_device="device"))
+    stages = {s["stage"]: s["device"] for s in plan.stages}
+    statistics, solve = stages["statistics, MLP block"], stages["solve, MLP block"]
+    assert statistics["target cross moments (1, whole)"] == 8192 * 28672 * 8
+    assert statistics["target cross moments (1 x 4 folds, sketched)"] == 4 * 128 * 28672 * 8
+    assert solve["target cross moments (1, whole)"] == 8192 * 28672 * 8
+    assert not any(name.endswith("sketched)") for name in solve)  # dropped with the folds
+
+
 @pytest.mark.parametrize("target", ["pruned", "residual"])
 def test_slimgpt_without_compensation_plans_its_own_refit(target):
     shape = ModelShape.from_config(AutoConfig.for_model("llama", **LLAMA_2_70B))

@@ -13,6 +13,7 @@ from conftest import random_windows, tiny_model
 from grail.calibration import advance_from_mid, capture_layer_inputs, layer_inputs, layer_output, run_layer, run_paired
 from grail.compensate import (
     Moments,
+    TargetMoments,
     choose_lambda,
     choose_target,
     fit_consumer,
@@ -167,6 +168,34 @@ def test_sketched_target_errors_are_unbiased_estimates():
             target_folds=part.fold_moments(),
         ).errors[1e-3]  # fmt: skip
     assert sketched.errors[1e-3] == pytest.approx(exact, rel=0.25)
+
+
+def test_folds_keep_their_cross_moments_on_the_sketch_only():
+    """Four folds of a 600-output consumer hold the whole cross moment once and each fold's on the sketch's
+    128 rows; held-out errors equal those from each fold's whole cross moment, sketched when scored."""
+    g = torch.Generator().manual_seed(5)
+    pruned = torch.randn(300, 9, generator=g, dtype=torch.float64) @ torch.randn(9, 9, generator=g, dtype=torch.float64)
+    weight = torch.randn(600, 9, generator=g, dtype=torch.float64)
+    t = (pruned + 0.2 * torch.randn(300, 9, generator=g, dtype=torch.float64)) @ weight.T
+    gram, target = _stats(pruned, t, folds=4)
+    folds = target.fold_moments()
+    assert all(f.sketched and f.cross.shape == (128, 9) for f in folds)
+    torch.testing.assert_close(target.moments().cross, t.T @ pruned, rtol=1e-12, atol=1e-10)
+    whole = [
+        TargetMoments(tc.T @ hc, f.sums, f.sq, f.sketch_sq)
+        for f, hc, tc in zip(folds, pruned.chunk(4), t.chunk(4), strict=True)
+    ]
+    for f, w in zip(folds, whole, strict=True):
+        torch.testing.assert_close(f.cross, target.sketch @ w.cross, rtol=1e-12, atol=1e-10)
+    common = dict(search="full", target="dense")
+    fast = choose_lambda(weight, gram.fold_moments(), KEPT, "affine", False, target_folds=folds, **common)
+    reference = choose_lambda(weight, gram.fold_moments(), KEPT, "affine", False, target_folds=whole, **common)
+    assert fast.lam == reference.lam
+    for lam, err in reference.errors.items():
+        assert fast.errors[lam] == pytest.approx(err, rel=1e-10)
+    assert fast.plain_error == pytest.approx(reference.plain_error, rel=1e-10)
+    target.merge_folds()  # cross-validation is done: the sketched ones go, the whole one stays
+    assert target.fold_scored_cross == [] and target.moments().cross.shape == (600, 9)
 
 
 # ---------------------------------------------------------------- in the engine

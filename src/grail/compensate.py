@@ -184,13 +184,15 @@ class TargetMoments:
     (O x H), ``sums = sum_n t_n``, ``sq = sum_n |t_n|^2`` and ``sketch_sq = sum_n |S t_n|^2``
     on the cross-validation's output sketch (:func:`output_sketch`; ``sq`` when there is none).
     The default target ``t_n = W h_n`` needs none of them: they are ``W G``, ``W s`` and
-    ``tr(W G W^T)``.
+    ``tr(W G W^T)``. A fold's moments for cross-validation may hold ``cross`` on the sketch's
+    rows only, ``S sum_n t_n h_n^T`` (``sketched``): that is all the held-out scores read.
     """
 
     cross: Tensor | None  # None where only the sums were kept
     sums: Tensor
     sq: float
     sketch_sq: float
+    sketched: bool = False  # ``cross`` is ``S C`` (the sketch's rows), not ``C``
 
 
 def output_sketch(rows: int, device: torch.device | str = "cpu") -> Tensor | None:
@@ -405,6 +407,8 @@ def retarget_refit(weight: Tensor, refit: Moments, gram: Tensor, target: TargetM
     moments are spent by the refit, as the Gram matrix is by the final solve.
     """
     cross = target.cross
+    if target.sketched:
+        raise ValueError("a refit needs the whole cross moment, not a fold's sketched one")
     pull = (refit.gram.diagonal().to(torch.float64) - gram.diagonal().to(torch.float64)).to(cross.device)
     for rows in blocks_of(weight.shape[0], weight.shape[1]):
         cross[rows] += weight[rows].to(cross.device, torch.float64) * pull
@@ -495,7 +499,8 @@ class CrossValidation:
             for name, per_fold in (targets or {}).items():
                 t = per_fold[i]
                 cross = torch.empty(w.shape[0], len(kept), dtype=torch.float64, device=w.device)
-                map_columns(t.cross, cross, None if sketch is None else (lambda part: sketch @ part), kept)  # C[:, P]
+                on_sketch = None if sketch is None or t.sketched else (lambda part: sketch @ part)
+                map_columns(t.cross, cross, on_sketch, kept)  # S C[:, P]
                 t_sums = t.sums.to(w)
                 products[name] = (
                     cross,

@@ -283,7 +283,10 @@ def stages(shape: ModelShape, s: Setting) -> list[Stage]:
         if targets:
             block.device["dense copy of the layer"] = layer
             if compensate or traits["refits"]:  # a retargeted mean bias keeps the targets' sums only
-                home[f"target cross moments ({targets} x {folds} fold(s))"] = targets * folds * out_dim * width * F64
+                home[f"target cross moments ({targets}, whole)"] = targets * out_dim * width * F64
+                if folds > 1:  # each fold's on the cross-validation's output sketch (grail.stats.TargetStats)
+                    scored = targets * folds * min(out_dim, SKETCH_ROWS) * width * F64
+                    home[f"target cross moments ({targets} x {folds} folds, sketched)"] = scored
         if traits["transforms"]:  # a float32 layer with gradients and the optimiser's two moments
             block.device["regional optimisation (float32 layer, gradients, moments)"] = 4 * shape.layer_params() * 4
         out.append(block)
@@ -360,8 +363,10 @@ def _solve_stages(kind, width, kept, out_dim, folds, targets, auto, block, extra
     solve = _after(block, f"solve, {kind} block")
     if auto:  # cross-validation is done: the folds were added into the first, in place (grail.stats)
         for terms in (solve.device, solve.host):
-            for name in [n for n in terms if n.startswith(("Gram matrices", "target cross moments"))]:
+            for name in [n for n in terms if n.startswith("Gram matrices")]:
                 terms[name.replace(f"{folds} fold(s)", "folds merged")] = terms.pop(name) // folds
+            for name in [n for n in terms if n.startswith("target cross moments") and n.endswith("sketched)")]:
+                del terms[name]  # dropped once cross-validation is done
     solve.device |= extra | _system_terms(width, kept, out_dim, in_place)
     if prior_bytes:
         solve.device["kept weights (the penalty's prior)"] = out_dim * kept * prior_bytes
@@ -455,7 +460,10 @@ def time_estimate(shape: ModelShape, s: Setting) -> dict:
         gram_tokens = (p.gram_nsamples if p.compensate else p.nsamples) * s.seqlen
         gram_macs = gram_tokens * (a_w**2 + i_w**2)
     if p.compensate or traits["refits"]:  # each dense-model target's cross moment, O x D per token
-        gram_macs += p.target_nsamples * s.seqlen * targets * d * (a_w + i_w)
+        scored_rows = (
+            min(d, SKETCH_ROWS) if p.compensate and p.ridge_lambda == "auto" else 0
+        )  # and its fold's, on the sketch
+        gram_macs += p.target_nsamples * s.seqlen * targets * (d + scored_rows) * (a_w + i_w)
     if p.compensate:
         factorisations = 1
         if p.ridge_lambda == "auto":
