@@ -9,7 +9,8 @@ memory is handed back to the system first, and the high-water mark restarted) as
 the ``pruned`` run's, and which target ``auto`` chose how often. With ``--zero_shot_ratios`` the best target's
 0-shot mean accuracy is measured beside ``pruned``'s. With ``--own_update`` there is no
 GRAIL: the targets retarget the method's own update of the consumers (FLAP's bias
-compensation, SlimGPT's refit; ``--targets pruned,dense,residual``).
+compensation, SlimGPT's refit; ``--targets pruned,dense,residual``). ``--target_blend B`` runs every
+target but ``pruned`` with ``--grail_target_blend B``.
 
     python bench/bench_targets.py --data_dir ../shared/data --methods flap,wanda_sp --ratios 0.5 \\
         --calibration 16x256,64x256 --out results/targets/smollm2.json
@@ -61,6 +62,7 @@ def run_config(args: argparse.Namespace, method: str, ratio: float, nsamples: in
         compensate=not args.own_update,
         ridge_lambda=0.001 if args.own_update else "auto",
         grail_target=target,
+        grail_target_blend=1.0 if target == "pruned" else args.target_blend,
         calib_batch_size=args.calib_batch_size,
     )
 
@@ -84,6 +86,9 @@ def main() -> None:
     parser.add_argument("--calib_batch_size", type=int, default=8)
     parser.add_argument(
         "--own_update", action="store_true", help="no GRAIL: the targets retarget the method's own update"
+    )
+    parser.add_argument(
+        "--target_blend", type=float, default=1.0, help="--grail_target_blend of every target but pruned"
     )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", default=None)
@@ -123,7 +128,8 @@ def main() -> None:
                         "chosen": dict(chosen),
                     }
                     models[target] = model
-                    line = {"calibration": calibration, "method": method, "ratio": ratio, target: ppl}
+                    line = {"calibration": calibration, "method": method, "ratio": ratio, "blend": args.target_blend}
+                    line[target] = ppl
                     mib = growth and round(growth / 2**20, 1)
                     print(
                         json.dumps(line | {"prune_s": round(elapsed, 1), "growth_mib": mib, "chosen": dict(chosen)}),
@@ -131,6 +137,7 @@ def main() -> None:
                     )
                 base = runs.get("pruned")  # the ratios need the default target among those run
                 cell = {
+                    "blend": args.target_blend,
                     "calibration": calibration,
                     "method": method,
                     "ratio": ratio,

@@ -201,6 +201,22 @@ def test_folds_keep_their_cross_moments_on_the_sketch_only():
 # ---------------------------------------------------------------- in the engine
 
 
+def test_a_target_blended_to_nothing_is_pruneds_fit():
+    """``--grail_target_blend 0``: the fit reproduces the consumer's own output, as ``pruned``'s does (the target
+    then comes from each token's output in the model's dtype rather than from ``W G``: equal to round-off)."""
+    dense_model, windows = tiny_model("llama", 6, 2, layers=2), random_windows(8, 16)
+    base = dict(prune_method="wanda_sp", pruning_ratio=0.4, nsamples=8, compensate=True, ridge_lambda=0.01)
+    models = {}
+    for name, extra in {"pruned": {}, "blend 0": {"grail_target": "residual", "grail_target_blend": 0.0},
+                        "residual": {"grail_target": "residual"}}.items():  # fmt: skip
+        models[name] = copy.deepcopy(dense_model)
+        prune_model(models[name], windows, PruneConfig(**base, **extra), progress=False)
+    states = {name: m.state_dict() for name, m in models.items()}
+    for key, value in states["pruned"].items():
+        torch.testing.assert_close(states["blend 0"][key], value, rtol=1e-4, atol=1e-5)
+    assert any(not torch.allclose(states["residual"][k], v, rtol=1e-3, atol=1e-4) for k, v in states["pruned"].items())
+
+
 def _recorded_updates(monkeypatch):
     """Every call of the compensation policy: (layer, kind, kept columns, target moments by name)."""
     calls = []
@@ -231,17 +247,19 @@ def _capture(model, windows, modules):
     return got
 
 
+@pytest.mark.parametrize("blend", [1.0, 0.25])
 @pytest.mark.parametrize("target", ["dense", "residual"])
 @pytest.mark.parametrize("kind", ["attn", "mlp"])
-def test_recorded_target_moments_equal_a_direct_computation(monkeypatch, kind, target):
-    """Layer 1, after layer 0 was pruned: the engine's dense/residual moments against stored activations."""
+def test_recorded_target_moments_equal_a_direct_computation(monkeypatch, kind, target, blend):
+    """Layer 1, after layer 0 was pruned: the engine's dense/residual moments against stored activations
+    (``blend``: a quarter of the way from the consumer's own output to the target)."""
     calls = _recorded_updates(monkeypatch)
     dense_model = tiny_model("llama", 6, 2, layers=2)
     windows = random_windows(8, 16)
     pruned_model = copy.deepcopy(dense_model)
     config = PruneConfig(
         prune_method="wanda_sp", pruning_ratio=0.4, nsamples=8, compensate=True, ridge_lambda="auto",
-        grail_target=target, calib_batch_size=3,
+        grail_target=target, grail_target_blend=blend, calib_batch_size=3,
     )  # fmt: skip
     prune_model(pruned_model, windows, config, progress=False)
     arch = arch_for(dense_model.config)
@@ -260,7 +278,8 @@ def test_recorded_target_moments_equal_a_direct_computation(monkeypatch, kind, t
     targets["residual"] = targets["dense"] + d[residual_in] - p[residual_in]
     _, _, recorded = next(c for c in calls if c[0] == f"layer 1 {arch.consumer_names()[kind]}")
     assert set(recorded) == {target}
-    t = targets[target]
+    own = p[consumer] @ w0.T  # pruned's target
+    t = own + blend * (targets[target] - own)
     torch.testing.assert_close(recorded[target].cross, t.T @ p[consumer], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(recorded[target].sums, t.sum(0), rtol=1e-4, atol=1e-4)
     assert recorded[target].sq == pytest.approx(t.square().sum().item(), rel=1e-5)
@@ -400,6 +419,8 @@ def test_target_options_are_checked():
         "flap (grail_target=dense)"
     )
     assert run_label({"prune_method": "flap", "compensate": False, "grail_target": "pruned"}, set()) == "flap"
+    blended = {"prune_method": "flap", "compensate": True, "grail_target": "residual", "grail_target_blend": 0.25}
+    assert run_label(blended, {"grail_target"}) == "flap + GRAIL (grail_target=residual, grail_target_blend=0.25)"
     with pytest.raises(ConfigError, match="use it with --ridge_lambda auto"):
         PruneConfig(grail_target="auto", compensate=True, ridge_lambda=0.01)
     assert PruneConfig(grail_target="residual", compensate=True).grail_target == "residual"

@@ -187,6 +187,14 @@ class PruneConfig:
         group="compensation",
         choices=GRAIL_TARGETS,
     )
+    grail_target_blend: float = option(
+        1.0,
+        "how far a dense-model target moves each consumer's fit from pruned's: the fit reproduces (1 - B) W h + B t, "
+        "t the --grail_target's (dense or residual; auto's residual candidate and yardstick), W h pruned's target; "
+        "1 is the target itself, 0 is pruned",
+        group="compensation",
+        minimum=0.0,
+    )
     grail_fit: str = option(
         "affine",
         "affine: fit with an intercept that becomes a bias; linear: no intercept; seed: linear fit plus the method's "
@@ -253,6 +261,16 @@ class PruneConfig:
         if self.grail_target == "auto" and self.ridge_lambda != "auto":
             raise ConfigError(
                 "--grail_target auto chooses on held-out calibration windows: use it with --ridge_lambda auto."
+            )
+        if self.grail_target_blend > 1.0:
+            raise ConfigError(
+                f"--grail_target_blend is the fraction of the way from pruned's target to --grail_target's, "
+                f"between 0 and 1; got {self.grail_target_blend}."
+            )
+        if self.grail_target_blend != 1.0 and self.grail_target == "pruned":
+            raise ConfigError(
+                "--grail_target_blend moves the fit towards a dense-model target: add --grail_target residual, "
+                "dense or auto."
             )
         for name, opts in self.method_options.items():
             if not isinstance(opts, MethodOptions) or opts.method != name:

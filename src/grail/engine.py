@@ -488,10 +488,15 @@ class _LayerStep:
             for name in names
         }
 
+        blend = self.config.grail_target_blend
+
         def on_batch(ids: Tensor, inputs: Tensor, dense_out: Tensor, drift: Tensor) -> None:
             values = {"dense": dense_out.to(device)}
             if "residual" in names:
                 values["residual"] = values["dense"] + drift.to(device)
+            if blend != 1.0:  # part of the way from the consumer's own output (pruned's target) to each target
+                own = nn.functional.linear(inputs.to(device), consumer.weight).to(torch.float64)
+                values = {name: own + blend * (t - own) for name, t in values.items()}
             for fold, rows in fold_rows(ids, self.config.target_nsamples, self.policy.folds):
                 for name in names:
                     t = values[name] if rows is None else values[name][rows.to(device)]

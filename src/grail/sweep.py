@@ -86,6 +86,9 @@ def run_label(prune: dict, varied: set[str]) -> str:
     target = prune.get("grail_target", "pruned")
     if target != "pruned" and "grail_target" not in varied:  # a plain run's own update is retargeted too
         extras.append(f"grail_target={target}")
+    blend = prune.get("grail_target_blend", 1.0)
+    if blend != 1.0 and "grail_target_blend" not in varied:
+        extras.append(f"grail_target_blend={blend}")
     return label + (f" ({', '.join(extras)})" if extras else "")
 
 
