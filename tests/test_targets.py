@@ -201,16 +201,26 @@ def test_folds_keep_their_cross_moments_on_the_sketch_only():
 # ---------------------------------------------------------------- in the engine
 
 
-def test_a_target_blended_to_nothing_is_pruneds_fit():
+@pytest.mark.parametrize(("biased", "lam"), [(False, 0.01), (True, 0.01), (True, "auto")])
+def test_a_target_blended_to_nothing_is_pruneds_fit(biased, lam):
     """``--grail_target_blend 0``: the fit reproduces the consumer's own output, as ``pruned``'s does (the target
-    then comes from each token's output in the model's dtype rather than from ``W G``: equal to round-off)."""
-    dense_model, windows = tiny_model("llama", 6, 2, layers=2), random_windows(8, 16)
-    base = dict(prune_method="wanda_sp", pruning_ratio=0.4, nsamples=8, compensate=True, ridge_lambda=0.01)
-    models = {}
+    then comes from each token's output in the model's dtype rather than from ``W G``: equal to round-off), with
+    the consumers' biases left out of both sides, and the held-out choice of lambda the same."""
+    dense_model = tiny_model("llama", 6, 2, layers=2, **({"attention_bias": True, "mlp_bias": True} if biased else {}))
+    if biased:
+        torch.manual_seed(1)
+        for module in dense_model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                torch.nn.init.normal_(module.bias, std=0.5)
+    windows = random_windows(8, 16)
+    base = dict(prune_method="wanda_sp", pruning_ratio=0.4, nsamples=8, compensate=True, ridge_lambda=lam)
+    models, lambdas = {}, {}
     for name, extra in {"pruned": {}, "blend 0": {"grail_target": "residual", "grail_target_blend": 0.0},
                         "residual": {"grail_target": "residual"}}.items():  # fmt: skip
         models[name] = copy.deepcopy(dense_model)
-        prune_model(models[name], windows, PruneConfig(**base, **extra), progress=False)
+        report = prune_model(models[name], windows, PruneConfig(**base, **extra), progress=False)
+        lambdas[name] = [(b.get("lambda"), b.get("compensated")) for b in report.blocks]
+    assert lambdas["blend 0"] == lambdas["pruned"]
     states = {name: m.state_dict() for name, m in models.items()}
     for key, value in states["pruned"].items():
         torch.testing.assert_close(states["blend 0"][key], value, rtol=1e-4, atol=1e-5)

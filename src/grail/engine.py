@@ -496,7 +496,7 @@ class _LayerStep:
                 values["residual"] = values["dense"] + drift.to(device)
             if blend != 1.0:  # part of the way from the consumer's own output (pruned's target) to each target
                 own = nn.functional.linear(inputs.to(device), consumer.weight).to(torch.float64)
-                values = {name: own + blend * (t - own) for name, t in values.items()}
+                values = {name: torch.lerp(own, values[name], blend) for name in names}
             for fold, rows in fold_rows(ids, self.config.target_nsamples, self.policy.folds):
                 for name in names:
                     t = values[name] if rows is None else values[name][rows.to(device)]
@@ -553,6 +553,13 @@ def check_target(config: PruneConfig, method: Method) -> None:
             f"--grail_target {config.grail_target} without --compensate retargets the method's own update of the "
             f"consumers (FLAP's bias compensation, SlimGPT's refit), and {method.name} makes none{without}: "
             "add --compensate."
+        )
+    if config.grail_target_blend != 1.0 and method.defer_compensation:
+        # The blend starts from the consumer's output as the layer pass sees it, before the transforms change
+        # its kept columns; a fit made after them would be pulled back towards the weights they replaced.
+        raise ConfigError(
+            f"--grail_target_blend blends from the consumer's weights before {method.name}'s regional "
+            "optimisation, and its compensation runs after it: add --compensate_first, or leave the blend at 1."
         )
 
 

@@ -127,7 +127,7 @@ class CompensationPolicy:
         kept_columns = kept_columns.to(weight.device)
         if refit is not None:
             moments = None
-            if target is not None:  # the folds' total in the first fold's memory, spent by the refit
+            if target is not None:  # one fold's sums; the refit adds its damping into the cross moment in place
                 target.merge_folds()
                 moments = retarget_refit(weight, refit, selection.gram, target.moments())
             fit = fit_consumer(weight, refit, kept_columns, 0.0, affine=self.bias_compensation, target=moments)
