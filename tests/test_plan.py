@@ -80,17 +80,14 @@ def test_a_target_keeps_its_whole_cross_moment_once_and_each_folds_on_the_sketch
     assert not any(name.endswith("sketched)") for name in solve)  # dropped with the folds
 
 
-@pytest.mark.parametrize(("target", "blend", "copies"), [("dense", 1.0, 3), ("residual", 1.0, 4), ("residual", 0.1, 5)])
-def test_a_batchs_targets_are_planned_in_float64(target, blend, copies):
-    """The dense output and the drift, the residual target, a blend's own output and result, a fold's rows."""
+@pytest.mark.parametrize(("target", "blend", "copies"), [("dense", 1.0, 2), ("residual", 1.0, 3), ("residual", 0.1, 4)])
+def test_a_windows_targets_are_planned_in_float64(target, blend, copies):
+    """The dense output and the drift, the residual target, a blend's own output and result, a window at a time."""
     shape = ModelShape.from_config(AutoConfig.for_model("llama", **LLAMA_2_70B))
     plan = plan_run(shape, _setting(ridge_lambda="auto", grail_target=target, grail_target_blend=blend))
     stages = {s["stage"]: s["device"] for s in plan.stages}
-    batch_tokens = 8 * 2048
-    assert (
-        stages["statistics, MLP block"]["dense-model targets of a batch (float64)"] == copies * batch_tokens * 8192 * 8
-    )
-    assert "dense-model targets of a batch (float64)" not in stages["solve, MLP block"]  # gone with the pass
+    assert stages["statistics, MLP block"]["dense-model targets of a window (float64)"] == copies * 2048 * 8192 * 8
+    assert "dense-model targets of a window (float64)" not in stages["solve, MLP block"]  # gone with the pass
 
 
 @pytest.mark.parametrize("target", ["pruned", "residual"])

@@ -344,14 +344,17 @@ def test_the_dense_stream_runs_each_half_of_the_layer_once_and_ends_at_the_layer
             arch, kind, layer, dense_layer, calib, dense, limit, lambda *a: got.append(a), dense_at_mid=at == "mid"
         )
         at = "mid" if kind == "attn" else "output"
-        assert len(got) == 2  # batches with samples below the limit
+        assert [int(ids) for ids, *_ in got] == list(range(limit))  # a window at a time, those below the limit
         block_in = "input" if kind == "attn" else "mid"
         bias = dense_layer.get_submodule(arch.consumer_names()[kind]).bias.double()
-        for (ids, inputs, dense_out, drift), w, p in zip(got, want, seen, strict=False):
-            k = len(ids)
-            torch.testing.assert_close(inputs, p[(kind, "in")][:k], rtol=0, atol=0)
-            torch.testing.assert_close(dense_out, w[(kind, "out")][:k].double() - bias, rtol=0, atol=0)
-            torch.testing.assert_close(drift, w[block_in][:k].double() - p[block_in][:k].double(), rtol=0, atol=0)
+        windows_of = lambda taps, key: torch.cat([t[key] for t in taps])[:limit].split(1)  # noqa: E731
+        for (_, inputs, dense_out, drift), h, out, d_in, p_in in zip(
+            got, windows_of(seen, (kind, "in")), windows_of(want, (kind, "out")),
+            windows_of(want, block_in), windows_of(seen, block_in), strict=True,
+        ):  # fmt: skip
+            torch.testing.assert_close(inputs, h, rtol=0, atol=0)
+            torch.testing.assert_close(dense_out, out.double() - bias, rtol=0, atol=0)
+            torch.testing.assert_close(drift, d_in.double() - p_in.double(), rtol=0, atol=0)
     if at == "mid":
         advance_from_mid(arch, dense_layer, dense)
     elif at == "input":

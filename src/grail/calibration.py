@@ -218,7 +218,10 @@ def fold_rows(ids: Tensor, limit: int, n_folds: int) -> list[tuple[int, Tensor |
     if n_folds == 1:
         return [(0, None)]
     folds = ids[:k] % n_folds
-    return [(fold, (folds == fold).nonzero().squeeze(1)) for fold in folds.unique().tolist()]
+    present = folds.unique().tolist()
+    if len(present) == 1:  # no copy of the rows (one window at a time is always one fold)
+        return [(present[0], None)]
+    return [(fold, (folds == fold).nonzero().squeeze(1)) for fold in present]
 
 
 def _run_to(layer: nn.Module, hidden: Tensor, kwargs: dict, consumer: str, added: str | None, finish: bool):
@@ -325,7 +328,7 @@ def run_paired(
 
     ``dense`` holds the dense model's activations entering this layer (or, with ``dense_at_mid``,
     the mid state an attention block's pass left), for the samples of the first batches of
-    ``calib``. For every batch with samples below ``limit``, ``on_batch(ids, inputs, dense_out,
+    ``calib``. For every window below ``limit``, ``on_batch(ids, inputs, dense_out,
     drift)`` receives the consumer's input in the layer, the dense consumer's output without
     its bias (float64), and the drift of the block's input, the residual stream the block is
     added to (dense minus pruned, float64). The dense block's output then replaces the dense
@@ -354,12 +357,13 @@ def run_paired(
             arch, kind, dense_layer, dense.hidden[b], dense.kwargs[b], dense_at_mid
         )
         pruned_in = x if o is None else x + o  # the pruned layer's own sum
-        k = int((ids < limit).sum())
-        dense_out = dense_out[:k].to(torch.float64)
-        if bias is not None:
-            dense_out -= bias.to(dense_out)
-        drift = block_in[:k].to(torch.float64) - pruned_in[:k].to(torch.float64)
-        on_batch(ids[:k], h[:k], dense_out, drift)
+        # A window at a time: in float64 the targets of a whole batch would be several batch x O matrices.
+        for w in range(int((ids < limit).sum())):
+            out = dense_out[w : w + 1].to(torch.float64)
+            if bias is not None:
+                out -= bias.to(out)
+            drift = block_in[w : w + 1].to(torch.float64) - pruned_in[w : w + 1].to(torch.float64)
+            on_batch(ids[w : w + 1], h[w : w + 1], out, drift)
         _store(dense, b, block_out)
 
 

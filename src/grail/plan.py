@@ -282,15 +282,13 @@ def stages(shape: ModelShape, s: Setting) -> list[Stage]:
             block.device["selection Gram matrix"] = width * width * F64
         if targets:
             block.device["dense copy of the layer"] = layer
-            # A batch's targets in float64 (grail.calibration.run_paired, grail.engine): the dense consumer's
+            # A window's targets in float64 (grail.calibration.run_paired, grail.engine): the dense consumer's
             # output and the drift, the residual target or a blend's own output, the blended target (the
-            # unblended residual is freed by then), one fold's rows.
+            # unblended residual is freed by then); a window is in one fold, so no rows are copied out.
             blended = p.grail_target_blend != 1.0
-            copies = (
-                2 + ("residual" in CompensationPolicy.from_config(p).dense_targets or blended) + blended + (folds > 1)
-            )
-            block.device["dense-model targets of a batch (float64)"] = copies * batch_tokens * out_dim * F64
-            block.passing.add("dense-model targets of a batch (float64)")
+            copies = 2 + ("residual" in CompensationPolicy.from_config(p).dense_targets or blended) + blended
+            block.device["dense-model targets of a window (float64)"] = copies * s.seqlen * out_dim * F64
+            block.passing.add("dense-model targets of a window (float64)")
             if compensate or traits["refits"]:  # a retargeted mean bias keeps the targets' sums only
                 home[f"target cross moments ({targets}, whole)"] = targets * out_dim * width * F64
                 if folds > 1:  # each fold's on the cross-validation's output sketch (grail.stats.TargetStats)
