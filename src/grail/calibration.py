@@ -320,7 +320,7 @@ def run_paired(
     calib: Calibration,
     dense: Calibration,
     limit: int,
-    on_batch,
+    on_window,
     taps: list[tuple[InputStats, int]] = (),
     dense_at_mid: bool = False,
 ) -> None:
@@ -328,7 +328,7 @@ def run_paired(
 
     ``dense`` holds the dense model's activations entering this layer (or, with ``dense_at_mid``,
     the mid state an attention block's pass left), for the samples of the first batches of
-    ``calib``. For every window below ``limit``, ``on_batch(ids, inputs, dense_out,
+    ``calib``. For every window below ``limit``, ``on_window(ids, inputs, dense_out,
     drift)`` receives the consumer's input in the layer, the dense consumer's output without
     its bias (float64), and the drift of the block's input, the residual stream the block is
     added to (dense minus pruned, float64). The dense block's output then replaces the dense
@@ -363,7 +363,7 @@ def run_paired(
             if bias is not None:
                 out -= bias.to(out)
             drift = block_in[w : w + 1].to(torch.float64) - pruned_in[w : w + 1].to(torch.float64)
-            on_batch(ids[w : w + 1], h[w : w + 1], out, drift)
+            on_window(ids[w : w + 1], h[w : w + 1], out, drift)
         _store(dense, b, block_out)
 
 

@@ -490,18 +490,16 @@ class _LayerStep:
 
         blend = self.config.grail_target_blend
 
-        def on_batch(ids: Tensor, inputs: Tensor, dense_out: Tensor, drift: Tensor) -> None:
+        def on_window(ids: Tensor, inputs: Tensor, dense_out: Tensor, drift: Tensor) -> None:
             values = {"dense": dense_out.to(device)}
             if "residual" in names:
                 values["residual"] = values["dense"] + drift.to(device)
             if blend != 1.0:  # part of the way from the consumer's own output (pruned's target) to each target
                 own = nn.functional.linear(inputs.to(device), consumer.weight).to(torch.float64)
                 values = {name: torch.lerp(own, values[name], blend) for name in names}
-            for fold, rows in fold_rows(ids, self.config.target_nsamples, self.policy.folds):
-                for name in names:
-                    t = values[name] if rows is None else values[name][rows.to(device)]
-                    h = inputs if rows is None else inputs[rows.to(inputs.device)]
-                    stats[name].update(t, h, fold)
+            [(fold, _)] = fold_rows(ids, self.config.target_nsamples, self.policy.folds)  # one window, one fold
+            for name in names:
+                stats[name].update(values[name], inputs, fold)
 
         with self.timer.section("calibration"):
             run_paired(
@@ -512,7 +510,7 @@ class _LayerStep:
                 self.calib,
                 self.dense_stream,
                 self.config.target_nsamples,
-                on_batch,
+                on_window,
                 taps,
                 dense_at_mid=self.dense_at == "mid",
             )
